@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ class DevAgentConfig:
     log_level: str = "info"
 
 
-BackgroundTask = Callable[["AgentContext"], Awaitable[None]]
+BackgroundTask = Callable[["AgentContext"], Coroutine[Any, Any, None]]
 
 
 class AgentContext:

@@ -97,7 +97,6 @@ class DevAgent:
         self.app = DevAgentApp(self.config)
         self.app.ctx.http_address = self.address
         self._server = uvicorn.Server(_uvicorn_config(self.app, self.config.log_level))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name="consul-connect-devagent", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + _START_TIMEOUT
