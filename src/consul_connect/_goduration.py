@@ -47,7 +47,7 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Format seconds as Go's ``Duration.String()`` does (``72h0m0s``, ``1.5s``, ``250ms``, ``0s``)."""
+    """Format seconds as Go's ``Duration.String()`` does (``72h0m0s``, ``1.5s``, ``250ms``)."""
     ns = round(seconds * 1e9)
     if ns == 0:
         return "0s"

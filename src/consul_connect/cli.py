@@ -84,7 +84,11 @@ def _run_dev(args: argparse.Namespace) -> int:
         f"acl={'enabled, default ' + config.acl_default_policy if acl_enabled else 'disabled'}",
         flush=True,
     )
-    print(f"HTTP API on http://{host}:{config.http_port} (CONSUL_HTTP_ADDR={host}:{config.http_port})", flush=True)
+    print(
+        f"HTTP API on http://{host}:{config.http_port} "
+        f"(CONSUL_HTTP_ADDR={host}:{config.http_port})",
+        flush=True,
+    )
     try:
         serve_forever(config)
     except KeyboardInterrupt:

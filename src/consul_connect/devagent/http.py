@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from consul_connect.devagent.context import AgentContext
 
 __all__ = [
-    "MAX_QUERY_TIME",
     "DEFAULT_QUERY_TIME",
+    "MAX_QUERY_TIME",
     "HTTPError",
     "QueryOptions",
     "Request",
@@ -69,7 +69,9 @@ def encode_json(data: Any) -> bytes:
     return (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode()
 
 
-def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
     """Return a JSON :class:`Response`."""
     return Response(status=status, body=encode_json(data), headers=dict(headers or {}))
 
@@ -239,7 +241,8 @@ class Request:
                 )
             if self.param(param):
                 raise HTTPError(
-                    400, f'Invalid query parameter: "{param}" - {what} are a Consul Enterprise feature'
+                    400,
+                    f'Invalid query parameter: "{param}" - {what} are a Consul Enterprise feature',
                 )
 
     def json(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -28,7 +29,9 @@ def _uvicorn_config(app: DevAgentApp, log_level: str) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         lifespan="on",
-        log_level=log_level if log_level in ("critical", "error", "warning", "info", "debug", "trace") else "warning",
+        log_level=log_level
+        if log_level in ("critical", "error", "warning", "info", "debug", "trace")
+        else "warning",
         access_log=False,
         timeout_graceful_shutdown=1,
         timeout_keep_alive=65,
@@ -97,7 +100,9 @@ class DevAgent:
         self.app = DevAgentApp(self.config)
         self.app.ctx.http_address = self.address
         self._server = uvicorn.Server(_uvicorn_config(self.app, self.config.log_level))
-        self._thread = threading.Thread(target=self._run, name="consul-connect-devagent", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="consul-connect-devagent", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + _START_TIMEOUT
         while not self._server.started:
@@ -129,10 +134,8 @@ class DevAgent:
         server, thread, loop, app = self._server, self._thread, self._loop, self.app
         if server is not None:
             if loop is not None and app is not None and not loop.is_closed():
-                try:
+                with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(app.ctx.store.close)
-                except RuntimeError:
-                    pass
             server.should_exit = True
         if thread is not None:
             thread.join(_STOP_TIMEOUT)

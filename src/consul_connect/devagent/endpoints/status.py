@@ -47,7 +47,12 @@ def register(router: Router, ctx: AgentContext) -> None:
                     "Datacenter": cfg.datacenter,
                     "NodeName": cfg.node_name,
                 },
-                "Coord": {"Vec": [0, 0, 0, 0, 0, 0, 0, 0], "Error": 1.5, "Adjustment": 0, "Height": 1e-05},
+                "Coord": {
+                    "Vec": [0, 0, 0, 0, 0, 0, 0, 0],
+                    "Error": 1.5,
+                    "Adjustment": 0,
+                    "Height": 1e-05,
+                },
                 "Member": {
                     "Name": cfg.node_name,
                     "Addr": cfg.bind,
@@ -68,7 +73,12 @@ def register(router: Router, ctx: AgentContext) -> None:
                     "DelegateCur": 4,
                 },
                 "Stats": {
-                    "agent": {"check_monitors": "0", "check_ttls": "0", "checks": "0", "services": "0"},
+                    "agent": {
+                        "check_monitors": "0",
+                        "check_ttls": "0",
+                        "checks": "0",
+                        "services": "0",
+                    },
                     "consul": {"server": "true", "leader": "true", "known_datacenters": "1"},
                 },
                 "Meta": {"consul-network-segment": "", "consul-version": CONSUL_VERSION},
