@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "FILTER_ERROR_PREFIX",
@@ -45,7 +45,7 @@ MAP = "map"
 
 #: A schema: ``None`` for a scalar leaf, :data:`MAP` for a free-form map, a dict of
 #: field name to schema for a struct, and a one-element list ``[schema]`` for a list.
-Schema = Union[None, str, dict[str, Any], list[Any]]
+Schema = None | str | dict[str, Any] | list[Any]
 
 
 class BexprError(ValueError):
@@ -116,7 +116,16 @@ def _unquote(tok: _Tok, src: str) -> str:
         body = tok.text[1:-1]
         out = []
         i = 0
-        escapes = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f"}
+        escapes = {
+            "n": "\n",
+            "t": "\t",
+            "r": "\r",
+            '"': '"',
+            "\\": "\\",
+            "/": "/",
+            "b": "\b",
+            "f": "\f",
+        }
         while i < len(body):
             ch = body[i]
             if ch == "\\" and i + 1 < len(body):
@@ -162,7 +171,7 @@ class _BinOp:
     right: _Node
 
 
-_Node = Union[_Match, _Not, _BinOp]
+_Node = _Match | _Not | _BinOp
 
 
 class _Parser:

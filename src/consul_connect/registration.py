@@ -1,0 +1,238 @@
+"""Registering a Connect-native service with the local agent and keeping its TTL check alive.
+
+Consul's HTTPS checks present no client certificate, so they cannot probe an mTLS-only
+port; a TTL check heartbeated from inside the process is the reliable alternative.
+:class:`Registration` registers ``Connect: {"Native": true}`` with one TTL check, passes it
+every ``ttl/3`` seconds while the process is healthy (``warning`` with a note when the
+``healthy`` callback says otherwise, e.g. a leaf close to expiry), re-registers when the agent
+has forgotten the service (agent restart, manual deregistration), and deregisters on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from consul_connect._goduration import format_duration
+from consul_connect.agent.client import AgentClient
+from consul_connect.errors import (
+    AgentError,
+    AgentNotFoundError,
+    AgentPermissionError,
+    ConfigError,
+)
+
+__all__ = ["Registration"]
+
+logger = logging.getLogger(__name__)
+
+Health = Callable[[], tuple[bool, str]]
+ErrorHook = Callable[[BaseException], None]
+T = TypeVar("T")
+
+
+def _always_healthy() -> tuple[bool, str]:
+    return True, ""
+
+
+class Registration:
+    """One service instance registered with the agent, with a heartbeated TTL check.
+
+    ``service_id`` defaults to ``<name>-<port>`` (unique per node for one listening port);
+    ``check_id`` to ``service:<service_id>``. ``address`` "" lets the agent use the node's
+    address. ``deregister_critical_after`` (seconds) asks the agent to remove the service
+    after that long in ``critical`` (Consul enforces at least one minute).
+
+    ``healthy()`` returns ``(ok, note)``: ok → the check passes (note as output), not ok →
+    ``warning`` with the note. Agent calls are bounded by ``timeout`` seconds. Errors
+    during the heartbeat go to ``on_error`` (and the log); an
+    :class:`~consul_connect.errors.AgentPermissionError` is logged as an error every time
+    it happens rather than retried quietly.
+    """
+
+    def __init__(
+        self,
+        client: AgentClient,
+        *,
+        name: str,
+        port: int,
+        address: str = "",
+        service_id: str | None = None,
+        tags: Sequence[str] = (),
+        meta: Mapping[str, str] | None = None,
+        ttl: float = 15.0,
+        check_id: str | None = None,
+        deregister_critical_after: float | None = None,
+        healthy: Health | None = None,
+        on_error: ErrorHook | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if not name:
+            raise ConfigError("a registration needs a service name")
+        if not 0 < port < 65536:
+            raise ConfigError(f"a Connect-native service needs a TCP port, got {port}")
+        if address in ("0.0.0.0", "::", "[::]"):
+            raise ConfigError(
+                f"cannot register the wildcard address {address!r}: give a routable address "
+                "or '' for the node's address"
+            )
+        if ttl <= 0:
+            raise ConfigError(f"ttl must be positive, got {ttl}")
+        self.client = client
+        self.name = name
+        self.port = port
+        self.address = address
+        self.service_id = service_id or f"{name}-{port}"
+        self.check_id = check_id or f"service:{self.service_id}"
+        self.tags = tuple(tags)
+        self.meta = dict(meta or {})
+        self.ttl = ttl
+        self.interval = ttl / 3
+        self.deregister_critical_after = deregister_critical_after
+        self._healthy = healthy or _always_healthy
+        self._on_error = on_error
+        self.timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.registered = False
+        self.registrations = 0
+        self.heartbeats = 0
+        self.last_status: str | None = None
+
+    # -- what we send -------------------------------------------------------------------
+
+    def _health(self) -> tuple[bool, str]:
+        try:
+            return self._healthy()
+        except Exception as exc:
+            logger.exception("registration health callback raised")
+            return False, f"health callback failed: {exc}"
+
+    def definition(self, status: str = "passing") -> dict[str, Any]:
+        """The ``ServiceDefinition`` body sent to ``/v1/agent/service/register``."""
+        check: dict[str, Any] = {
+            "CheckID": self.check_id,
+            "Name": f"{self.name} heartbeat (consul-connect TTL)",
+            "TTL": format_duration(self.ttl),
+            "Status": status,
+        }
+        if self.deregister_critical_after is not None:
+            check["DeregisterCriticalServiceAfter"] = format_duration(
+                self.deregister_critical_after
+            )
+        return {
+            "ID": self.service_id,
+            "Name": self.name,
+            "Port": self.port,
+            "Address": self.address,
+            "Tags": list(self.tags),
+            "Meta": dict(self.meta),
+            "Connect": {"Native": True},
+            "Check": check,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        async with asyncio.timeout(self.timeout):
+            return await call
+
+    async def _register(self) -> None:
+        ok, note = self._health()
+        # Not ready at registration: critical keeps clients away until the first pass.
+        status = "passing" if ok else "critical"
+        await self._bounded(
+            self.client.register_service(self.definition(status), replace_existing_checks=True)
+        )
+        if note:
+            # The definition cannot carry check output; an update can.
+            await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
+        self.registered = True
+        self.registrations += 1
+        self.last_status = status
+
+    async def start(self) -> None:
+        """Register the service, then start the heartbeat. Idempotent.
+
+        Raises :class:`~consul_connect.errors.AgentPermissionError` when the token lacks
+        ``service:write``, other :class:`~consul_connect.errors.AgentError` subclasses when
+        the agent refuses or cannot be reached, and ``TimeoutError`` after ``timeout``.
+        """
+        if self._task is not None:
+            return
+        await self._register()
+        self._task = asyncio.get_running_loop().create_task(
+            self._heartbeat(), name=f"consul-connect heartbeat {self.service_id}"
+        )
+
+    def beat_now(self) -> None:
+        """Ask for a heartbeat now (e.g. after the health state changed). Call on the loop."""
+        self._wake.set()
+
+    async def _sleep(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.interval):
+                await self._wake.wait()
+        self._wake.clear()
+
+    def _report(self, exc: BaseException, what: str) -> None:
+        if isinstance(exc, AgentPermissionError):
+            logger.error("%s for %r: %s", what, self.service_id, exc)
+        else:
+            logger.warning("%s for %r: %s", what, self.service_id, exc)
+        if self._on_error is not None:
+            try:
+                self._on_error(exc)
+            except Exception:
+                logger.exception("registration on_error hook raised")
+
+    async def _beat(self) -> None:
+        ok, note = self._health()
+        status = "passing" if ok else "warning"
+        try:
+            await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
+        except AgentNotFoundError:
+            # The agent no longer knows the check: it restarted or the service was removed.
+            logger.info("agent forgot %r; registering it again", self.service_id)
+            self.registered = False
+            await self._register()
+            if status != self.last_status:
+                await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
+        self.heartbeats += 1
+        self.last_status = status
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self._sleep()
+            try:
+                await self._beat()
+            except (AgentError, TimeoutError) as exc:
+                self._report(exc, "TTL heartbeat failed")
+            except Exception as exc:
+                # Not the agent's fault (e.g. a bug): report it, keep the beat going.
+                logger.exception("TTL heartbeat for %r raised", self.service_id)
+                self._report(exc, "TTL heartbeat failed")
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat and deregister (bounded by ``timeout``). Idempotent.
+
+        Failures to deregister are reported to ``on_error`` and the log, not raised: the
+        TTL check turns critical on its own once heartbeats stop.
+        """
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not self.registered:
+            return
+        self.registered = False
+        try:
+            await self._bounded(self.client.deregister_service(self.service_id))
+        except AgentNotFoundError:
+            pass
+        except (AgentError, TimeoutError) as exc:
+            self._report(exc, "deregistration failed")

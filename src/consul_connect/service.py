@@ -1,0 +1,1111 @@
+"""``Service``: a Connect-native identity that accepts and dials mTLS connections.
+
+A Service fetches its leaf certificate and the CA roots from the local agent
+and keeps both fresh with blocking queries (one roots watch per agent per
+process, shared by every Service), decides who may connect (by default from
+locally cached intentions, with no agent call on the connection path), finds
+other services, and optionally registers itself. The same object serves sync
+and async programs: watches run on a background loop; ``listen``/``connect``
+work on the caller's thread and ``start_server``/``open_connection`` on the
+caller's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal
+
+from consul_connect._runtime import Runtime
+from consul_connect.agent.config import AgentConfig
+from consul_connect.authz.authorizers import AgentAuthorizer, Authorizer, IntentionAuthorizer
+from consul_connect.authz.intentions import Decision
+from consul_connect.certs import Leaf, RootSet
+from consul_connect.discovery import Endpoint, Resolver, StaticResolver, resolver_for_name
+from consul_connect.errors import (
+    AgentError,
+    AgentPermissionError,
+    AgentUnavailableError,
+    CertificateError,
+    ConfigError,
+    DialError,
+    NoInstancesError,
+    NotReadyError,
+    PeerRejected,
+    ServerIdentityError,
+)
+from consul_connect.identity import ServiceIdentity
+from consul_connect.tls import (
+    HANDSHAKE_TIMEOUT,
+    DynamicClientContext,
+    DynamicServerContext,
+    TLSMaterial,
+    peer_identity,
+    verify_server_identity,
+)
+
+__all__ = [
+    "ConnectListener",
+    "Service",
+    "ServiceEvent",
+    "ServiceStatistics",
+    "get_peer_identity",
+]
+
+log = logging.getLogger("consul_connect")
+
+EventKind = Literal["leaf_rotated", "roots_changed", "peer_allowed", "peer_denied", "watch_error"]
+EventHook = Callable[["ServiceEvent"], None]
+
+_LEAF_WAIT = 300.0
+_BACKOFF_BASE = 0.5
+_BACKOFF_CAP = 30.0
+_CLOSE_TIMEOUT = 10.0
+
+# The peer identity of connections this library accepted or dialled, keyed by
+# the object the application holds (StreamWriter, transport or SSLSocket).
+_peer_identities: weakref.WeakKeyDictionary[Any, ServiceIdentity] = weakref.WeakKeyDictionary()
+
+
+def get_peer_identity(conn: Any) -> ServiceIdentity | None:
+    """Return the verified peer identity of a connection a Service accepted or dialled.
+
+    ``conn`` is an ``asyncio.StreamWriter``, its transport, or an ``ssl.SSLSocket``.
+    Returns None for connections that did not come from a Service.
+    """
+    found = _peer_identities.get(conn)
+    if found is None and isinstance(conn, asyncio.StreamWriter):
+        found = _peer_identities.get(conn.transport)
+    return found
+
+
+@dataclass(frozen=True)
+class ServiceEvent:
+    """Something a Service noticed: ``kind`` plus details (identity, reason, serial, error)."""
+
+    kind: EventKind
+    service: str
+    peer: ServiceIdentity | None = None
+    reason: str = ""
+    serial: str = ""
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class ServiceStatistics:
+    """A frozen snapshot of a Service's state and counters."""
+
+    name: str
+    ready: bool
+    leaf_serial: str
+    leaf_valid_before: datetime | None
+    trust_domain: str
+    roots: int
+    active_connections: int
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    dialed: int
+    dial_failures: int
+    leaf_rotations: int
+    roots_changes: int
+    watch_errors: int
+    last_error: str
+
+
+@dataclass
+class _Counters:
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    dialed: int = 0
+    dial_failures: int = 0
+    leaf_rotations: int = 0
+    roots_changes: int = 0
+    watch_errors: int = 0
+
+
+@dataclass
+class _Tracked:
+    identity: ServiceIdentity
+    close: Callable[[], None]
+
+
+class Service:
+    """A Connect-native service identity: leaf, roots, authorizer, resolvers, registration.
+
+    ``Service("web")`` talks to the agent named by ``CONSUL_*`` variables (or
+    ``agent=AgentConfig(...)``) and starts its watches at once; call
+    :meth:`wait_ready` (or ``await`` :meth:`wait_ready_async`) before serving.
+    ``authorizer`` is ``"intentions"`` (default: local intention evaluation),
+    ``"agent"`` (ask the agent's authorize endpoint) or an :class:`Authorizer`.
+    With ``register=True`` and a ``port`` the Service registers itself as a
+    Connect-native instance with a TTL check it keeps passing.
+    ``close_denied_connections`` closes accepted connections whose peer a later
+    intention change denies.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        agent: AgentConfig | None = None,
+        authorizer: Authorizer | Literal["intentions", "agent"] = "intentions",
+        register: bool = False,
+        port: int | None = None,
+        address: str = "",
+        service_id: str | None = None,
+        tags: tuple[str, ...] = (),
+        meta: dict[str, str] | None = None,
+        check_ttl: float = 15.0,
+        close_denied_connections: bool = True,
+        _static: tuple[Leaf, RootSet] | None = None,
+    ) -> None:
+        if not name:
+            raise ConfigError("a Service needs a name")
+        if register and port is None:
+            raise ConfigError("register=True needs the port the service listens on")
+        self.name = name
+        self._material: TLSMaterial | None = None
+        self._leaf: Leaf | None = None
+        self._roots: RootSet | None = None
+        self._hooks: list[EventHook] = []
+        self._counters = _Counters()
+        self._last_error: BaseException | None = None
+        self._fatal: BaseException | None = None
+        self._closed = False
+        self._ready = threading.Event()
+        self._ready_changed = threading.Condition()
+        self._tracked: dict[int, _Tracked] = {}
+        self._tracked_lock = threading.Lock()
+        self._close_denied = close_denied_connections
+        self._listeners: list[ConnectListener] = []
+        self._servers: list[tuple[asyncio.AbstractEventLoop, asyncio.Server]] = []
+        self._resolvers: dict[str, Resolver] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._hub: Any = None
+        self._registration: Any = None
+        self._server_ctx = DynamicServerContext(self._current_material)
+        self._client_ctx = DynamicClientContext(self._current_material)
+
+        self._runtime = Runtime.acquire()
+        self._agent_config: AgentConfig | None = None
+        try:
+            if _static is not None:
+                self._authorizer: Authorizer = self._static_authorizer(authorizer)
+                self._set_roots(_static[1])
+                self._set_leaf(_static[0])
+            else:
+                self._agent_config = agent if agent is not None else AgentConfig.from_env()
+                self._runtime.run(
+                    self._start_agent_mode(
+                        authorizer,
+                        register=register,
+                        port=port,
+                        address=address,
+                        service_id=service_id,
+                        tags=tags,
+                        meta=meta,
+                        check_ttl=check_ttl,
+                    ),
+                    timeout=_CLOSE_TIMEOUT,
+                )
+        except BaseException:
+            self._runtime.release()
+            raise
+
+    # -- construction helpers -------------------------------------------------
+
+    @classmethod
+    def from_pem(
+        cls,
+        name: str,
+        *,
+        cert_pem: str,
+        key_pem: str,
+        roots_pem: str,
+        authorizer: Authorizer,
+        close_denied_connections: bool = True,
+    ) -> Service:
+        """A Service with fixed certificate material and no agent (dev mode, tests).
+
+        ``cert_pem`` is the leaf followed by any intermediates. ``authorizer`` is
+        required (there is no intention data without an agent); see
+        :func:`consul_connect.authz.authorizers.AllowIdentities`. Raises
+        :class:`CertificateError` if the leaf does not verify against ``roots_pem``.
+        """
+        leaf = Leaf.from_pem(cert_pem, key_pem)
+        roots = _roots_from_pem(roots_pem, leaf.identity.trust_domain)
+        return cls(
+            name,
+            authorizer=authorizer,
+            close_denied_connections=close_denied_connections,
+            _static=(leaf, roots),
+        )
+
+    @classmethod
+    def from_test_ca(cls, ca: Any, name: str, *, authorizer: Authorizer) -> Service:
+        """A Service whose leaf is issued by a :class:`consul_connect.testing.TestCA`."""
+        leaf = ca.issue(name)
+        return cls(name, authorizer=authorizer, _static=(leaf, ca.roots()))
+
+    def _static_authorizer(self, authorizer: Authorizer | str) -> Authorizer:
+        if isinstance(authorizer, str):
+            raise ConfigError(
+                "a Service without an agent needs an explicit authorizer "
+                "(for example AllowIdentities(...)); there is no intention data"
+            )
+        return authorizer
+
+    async def _start_agent_mode(
+        self,
+        authorizer: Authorizer | str,
+        *,
+        register: bool,
+        port: int | None,
+        address: str,
+        service_id: str | None,
+        tags: tuple[str, ...],
+        meta: dict[str, str] | None,
+        check_ttl: float,
+    ) -> None:
+        from consul_connect._hub import AgentHub
+
+        assert self._agent_config is not None
+        hub = AgentHub.acquire(self._agent_config)
+        self._hub = hub
+        client = hub.client
+        if authorizer == "intentions":
+            self._authorizer = IntentionAuthorizer(client, self.name)
+        elif authorizer == "agent":
+            self._authorizer = AgentAuthorizer(client, self.name)
+        elif isinstance(authorizer, str):
+            raise ConfigError(f"unknown authorizer {authorizer!r}: use 'intentions' or 'agent'")
+        else:
+            self._authorizer = authorizer
+        self._authorizer.add_listener(self._on_authz_change)
+        hub.add_listeners(self._on_hub_roots, self._on_watch_error)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._leaf_loop()))
+        self._tasks.append(loop.create_task(self._start_authorizer()))
+        if register:
+            from consul_connect.registration import Registration
+
+            assert port is not None
+            self._registration = Registration(
+                client,
+                name=self.name,
+                port=port,
+                address=address,
+                service_id=service_id,
+                tags=tags,
+                meta=meta,
+                ttl=check_ttl,
+                healthy=self._health_for_check,
+                on_error=self._on_watch_error,
+            )
+            self._tasks.append(loop.create_task(self._start_registration()))
+
+    async def _start_authorizer(self) -> None:
+        try:
+            await self._authorizer.start()
+            waiter = getattr(self._authorizer, "wait_ready", None)
+            if waiter is not None:
+                # Surfaces a missing right (AgentPermissionError) loudly; other
+                # trouble keeps being retried by the authorizer's own watch.
+                with contextlib.suppress(NotReadyError):
+                    await waiter(60.0)
+        except AgentPermissionError as exc:
+            self._set_fatal(exc)
+        except Exception as exc:
+            self._on_watch_error(exc)
+
+    async def _start_registration(self) -> None:
+        try:
+            await self._registration.start()
+        except AgentPermissionError as exc:
+            self._set_fatal(exc)
+        except Exception as exc:
+            self._on_watch_error(exc)
+
+    # -- state ----------------------------------------------------------------
+
+    def _current_material(self) -> TLSMaterial:
+        m = self._material
+        if m is None:
+            raise NotReadyError(f"service {self.name!r} has no certificate yet")
+        return m
+
+    @property
+    def ready(self) -> bool:
+        """True once this Service has a leaf verified against current roots and its
+        authorizer has the data it decides from (so it would not refuse everyone)."""
+        return self._material is not None and self._authorizer_ready()
+
+    def _authorizer_ready(self) -> bool:
+        authz = getattr(self, "_authorizer", None)
+        return authz is not None and bool(authz.ready)
+
+    @property
+    def identity(self) -> ServiceIdentity:
+        """This Service's own SPIFFE identity (raises NotReadyError before readiness)."""
+        return self._current_material().leaf.identity
+
+    @property
+    def authorizer(self) -> Authorizer:
+        """The authorizer deciding who may connect."""
+        return self._authorizer
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        """An ``SSLContext`` whose every handshake uses this Service's newest server material.
+
+        Pass it as ``ssl=`` to servers that should terminate Connect mTLS; the peer must
+        still be authorized with :meth:`authorize_peer` before any byte is exchanged.
+        """
+        return self._server_ctx
+
+    @property
+    def client_context(self) -> ssl.SSLContext:
+        """An ``SSLContext`` presenting this Service's newest leaf (verify the server yourself)."""
+        return self._client_ctx
+
+    def statistics(self) -> ServiceStatistics:
+        """Return a frozen snapshot of this Service's state and counters."""
+        m = self._material
+        c = self._counters
+        with self._tracked_lock:
+            active = len(self._tracked)
+        return ServiceStatistics(
+            name=self.name,
+            ready=self.ready,
+            leaf_serial=m.leaf.serial_number if m else "",
+            leaf_valid_before=m.leaf.valid_before if m else None,
+            trust_domain=m.roots.trust_domain if m else "",
+            roots=len(m.roots.roots) if m else 0,
+            active_connections=active,
+            accepted=c.accepted,
+            rejected=c.rejected,
+            rejected_by_reason=dict(c.rejected_by_reason),
+            dialed=c.dialed,
+            dial_failures=c.dial_failures,
+            leaf_rotations=c.leaf_rotations,
+            roots_changes=c.roots_changes,
+            watch_errors=c.watch_errors,
+            last_error=str(self._last_error) if self._last_error else "",
+        )
+
+    def on_event(self, hook: EventHook) -> Callable[[], None]:
+        """Call ``hook(event)`` for every :class:`ServiceEvent`; returns an unsubscribe function.
+
+        Hooks run on whichever thread noticed the event and must not block.
+        """
+        self._hooks.append(hook)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._hooks.remove(hook)
+
+        return remove
+
+    def _emit(self, event: ServiceEvent) -> None:
+        for hook in list(self._hooks):
+            try:
+                hook(event)
+            except Exception:
+                log.exception("event hook failed for %s", event.kind)
+
+    def _on_watch_error(self, exc: BaseException) -> None:
+        self._counters.watch_errors += 1
+        self._last_error = exc
+        log.warning("service %s: watch error: %s", self.name, exc)
+        self._emit(ServiceEvent("watch_error", self.name, error=exc, reason=str(exc)))
+        if isinstance(exc, AgentPermissionError):
+            self._set_fatal(exc)
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            log.error("service %s: %s", self.name, exc)
+        self._fatal = exc
+        self._last_error = exc
+        with self._ready_changed:
+            self._ready_changed.notify_all()
+
+    def _on_hub_roots(self, roots: RootSet) -> None:
+        self._set_roots(roots)
+
+    def _set_roots(self, roots: RootSet) -> None:
+        changed = self._roots is not None and self._roots != roots
+        self._roots = roots
+        self._publish()
+        if changed:
+            self._counters.roots_changes += 1
+            self._emit(ServiceEvent("roots_changed", self.name, reason=roots.active_root_id))
+
+    def _set_leaf(self, leaf: Leaf) -> None:
+        old = self._leaf
+        self._leaf = leaf
+        self._publish()
+        if old is not None and old.serial_number != leaf.serial_number:
+            self._counters.leaf_rotations += 1
+            self._emit(ServiceEvent("leaf_rotated", self.name, serial=leaf.serial_number))
+
+    def _publish(self) -> None:
+        leaf, roots = self._leaf, self._roots
+        if leaf is None or roots is None:
+            return
+        try:
+            material = TLSMaterial.build(leaf, roots, datetime.now(UTC))
+        except CertificateError as exc:
+            # A leaf and roots that do not verify together are never published; the
+            # previous (working) material stays until a matching pair arrives.
+            self._on_watch_error(exc)
+            return
+        self._material = material
+        self._last_error = None
+        self._ready.set()
+        with self._ready_changed:
+            self._ready_changed.notify_all()
+
+    async def _leaf_loop(self) -> None:
+        assert self._hub is not None
+        client = self._hub.client
+        index = 0
+        failures = 0
+        while True:
+            leaf = self._leaf
+            wait = _LEAF_WAIT
+            if leaf is not None:
+                # Wake before the leaf's hard renewal deadline even if the watch stays quiet.
+                lifetime = (leaf.valid_before - leaf.valid_after).total_seconds()
+                deadline = leaf.valid_after.timestamp() + 0.9 * lifetime
+                wait = max(1.0, min(_LEAF_WAIT, deadline - time.time()))
+            try:
+                data, meta = await client.leaf_cert(self.name, index=index, wait=wait)
+                new_leaf = Leaf.from_json(data)
+            except asyncio.CancelledError:
+                raise
+            except AgentPermissionError as exc:
+                self._on_watch_error(exc)
+                return
+            except (AgentError, CertificateError) as exc:
+                self._on_watch_error(exc)
+                failures += 1
+                delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 10))
+                await asyncio.sleep(delay * (0.5 + _jitter() / 2))
+                if leaf is not None and time.time() >= leaf.valid_before.timestamp():
+                    index = 0
+                continue
+            failures = 0
+            new_index = meta.index or 1
+            index = 0 if new_index < index else new_index
+            if (
+                leaf is None
+                or leaf.serial_number != new_leaf.serial_number
+                or (leaf.cert_pem != new_leaf.cert_pem)
+            ):
+                self._set_leaf(new_leaf)
+            if time.time() >= new_leaf.valid_before.timestamp() - 1:
+                index = 0  # expired and not renewed: ask again without blocking
+
+    def _health_for_check(self) -> tuple[bool, str]:
+        m = self._material
+        if m is None:
+            return False, "no certificate yet"
+        remaining = (m.leaf.valid_before - datetime.now(UTC)).total_seconds()
+        lifetime = (m.leaf.valid_before - m.leaf.valid_after).total_seconds()
+        if remaining < 0.1 * lifetime:
+            return False, f"leaf certificate expires in {int(remaining)}s"
+        return True, f"leaf {m.leaf.serial_number} valid until {m.leaf.valid_before.isoformat()}"
+
+    # -- readiness ------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until this Service has certificates; return at once if it already has.
+
+        Raises :class:`AgentPermissionError` at once when the token lacks
+        ``service:write`` and :class:`NotReadyError` (naming the likely cause) on timeout.
+        """
+        deadline = time.monotonic() + timeout
+        with self._ready_changed:
+            while not self.ready:
+                if self._fatal is not None:
+                    raise self._fatal
+                if self._closed:
+                    raise NotReadyError(f"service {self.name!r} is closed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._not_ready_error(timeout)
+                self._ready_changed.wait(min(remaining, 0.5))
+
+    async def wait_ready_async(self, timeout: float = 30.0) -> None:
+        """Async form of :meth:`wait_ready` (does not block the event loop)."""
+        if self.ready:
+            return
+        await asyncio.to_thread(self.wait_ready, timeout)
+
+    def _not_ready_error(self, timeout: float) -> NotReadyError:
+        cause = self._last_error
+        if isinstance(cause, AgentUnavailableError):
+            why = f"the Consul agent is unreachable or failing ({cause})"
+        elif isinstance(cause, AgentPermissionError):
+            why = f"the ACL token lacks service:write on {self.name!r} ({cause})"
+        elif isinstance(cause, CertificateError):
+            why = f"the agent's certificates do not verify ({cause})"
+        elif cause is not None:
+            why = str(cause)
+        elif self._leaf is None:
+            why = "no leaf certificate received from the agent yet"
+        elif self._roots is None:
+            why = "no CA roots received from the agent yet"
+        else:
+            why = "no intention data received from the agent yet"
+        return NotReadyError(
+            f"service {self.name!r} not ready after {timeout:g}s: {why}", cause=cause
+        )
+
+    # -- authorization ----------------------------------------------------------
+
+    def authorize_peer(self, ssl_obj: Any) -> ServiceIdentity:
+        """Check a completed server-side handshake: identity, then the authorizer.
+
+        Returns the peer identity, or raises :class:`PeerRejected` (counted, logged,
+        and reported as a ``peer_denied`` event). Never calls the agent when the
+        authorizer has local data.
+        """
+        try:
+            identity = peer_identity(ssl_obj)
+        except PeerRejected as exc:
+            self._reject(None, exc.reason)
+            raise
+        decision = self._authorizer.decide(identity)
+        if decision is None:
+            decision = self._runtime.run(self._authorizer.authorize(identity), timeout=10.0)
+        return self._apply_decision(identity, decision)
+
+    async def authorize_peer_async(self, ssl_obj: Any) -> ServiceIdentity:
+        """Async form of :meth:`authorize_peer` (for authorizers that must ask the agent)."""
+        try:
+            identity = peer_identity(ssl_obj)
+        except PeerRejected as exc:
+            self._reject(None, exc.reason)
+            raise
+        decision = self._authorizer.decide(identity)
+        if decision is None:
+            decision = await self._runtime.run_async(
+                self._authorizer.authorize(identity), timeout=10.0
+            )
+        return self._apply_decision(identity, decision)
+
+    def authorize_request(
+        self, identity: ServiceIdentity, method: str, path: str, headers: Any
+    ) -> Decision:
+        """The L7 decision for one HTTP request from ``identity`` (no agent call)."""
+        return self._authorizer.decide_request(identity, method, path, headers)
+
+    def _apply_decision(self, identity: ServiceIdentity, decision: Decision) -> ServiceIdentity:
+        if not decision.allowed:
+            self._reject(identity, decision.reason)
+            raise PeerRejected(decision.reason, peer=identity.uri)
+        self._counters.accepted += 1
+        self._emit(ServiceEvent("peer_allowed", self.name, peer=identity, reason=decision.reason))
+        return identity
+
+    def _reject(self, identity: ServiceIdentity | None, reason: str) -> None:
+        c = self._counters
+        c.rejected += 1
+        key = reason.split(":", 1)[0]
+        c.rejected_by_reason[key] = c.rejected_by_reason.get(key, 0) + 1
+        log.info(
+            "service %s refused %s: %s", self.name, identity.uri if identity else "peer", reason
+        )
+        self._emit(ServiceEvent("peer_denied", self.name, peer=identity, reason=reason))
+
+    def _track(self, identity: ServiceIdentity, close: Callable[[], None]) -> int:
+        token = id(close)
+        with self._tracked_lock:
+            self._tracked[token] = _Tracked(identity, close)
+        return token
+
+    def _untrack(self, token: int) -> None:
+        with self._tracked_lock:
+            self._tracked.pop(token, None)
+
+    def _on_authz_change(self) -> None:
+        with self._ready_changed:
+            self._ready_changed.notify_all()
+        if not self._close_denied:
+            return
+        with self._tracked_lock:
+            items = list(self._tracked.items())
+        for token, tracked in items:
+            decision = self._authorizer.decide(tracked.identity)
+            if decision is not None and not decision.allowed:
+                log.info(
+                    "service %s closing connection from %s: %s",
+                    self.name,
+                    tracked.identity.uri,
+                    decision.reason,
+                )
+                self._emit(
+                    ServiceEvent(
+                        "peer_denied", self.name, peer=tracked.identity, reason=decision.reason
+                    )
+                )
+                self._untrack(token)
+                with contextlib.suppress(Exception):
+                    tracked.close()
+
+    # -- accepting: asyncio -----------------------------------------------------
+
+    async def start_server(
+        self,
+        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        **kwargs: Any,
+    ) -> asyncio.Server:
+        """Serve Connect mTLS on the running loop; like ``asyncio.start_server``.
+
+        Every handshake uses the newest leaf and roots; ``handler(reader, writer)``
+        runs only for peers that passed identity checks and the authorizer, before
+        any byte is read. :func:`get_peer_identity(writer)` gives the caller.
+        """
+        await self.wait_ready_async()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ssl_obj = writer.get_extra_info("ssl_object")
+            try:
+                identity = await self.authorize_peer_async(ssl_obj)
+            except PeerRejected:
+                writer.transport.abort()
+                return
+            _peer_identities[writer] = identity
+            _peer_identities[writer.transport] = identity
+            loop = asyncio.get_running_loop()
+            transport = writer.transport
+
+            def close() -> None:
+                loop.call_soon_threadsafe(transport.abort)
+
+            token = self._track(identity, close)
+            try:
+                await handler(reader, writer)
+            finally:
+                self._untrack(token)
+
+        server = await asyncio.start_server(
+            on_connect,
+            host,
+            port,
+            ssl=self._server_ctx,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            **kwargs,
+        )
+        self._servers.append((asyncio.get_running_loop(), server))
+        return server
+
+    # -- accepting: sync ----------------------------------------------------------
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 128) -> ConnectListener:
+        """Open a blocking listener whose :meth:`ConnectListener.accept` yields authorized peers."""
+        self.wait_ready()
+        listener = ConnectListener(self, host, port, backlog)
+        self._listeners.append(listener)
+        return listener
+
+    # -- dialling -------------------------------------------------------------------
+
+    def _resolver(self, target: str | Resolver | Endpoint) -> Resolver:
+        if isinstance(target, Endpoint):
+            return StaticResolver(f"{target.host}:{target.port}", target.identity)
+        if not isinstance(target, str):
+            return target
+        r = self._resolvers.get(target)
+        if r is None:
+            if self._hub is None:
+                raise ConfigError(
+                    f"cannot resolve {target!r} without an agent; pass a StaticResolver"
+                )
+            r = resolver_for_name(target, self._hub.client, self._trust_domain)
+            self._resolvers[target] = r
+        return r
+
+    def _trust_domain(self) -> str:
+        m = self._material
+        if m is not None:
+            return m.roots.trust_domain
+        if self._roots is not None:
+            return self._roots.trust_domain
+        return ""
+
+    async def _resolve(self, target: str | Resolver | Endpoint) -> list[Endpoint]:
+        resolver = self._resolver(target)
+        endpoints = await resolver.resolve()
+        if not endpoints:
+            raise NoInstancesError(f"no healthy Connect-capable instance of {_name(target)}")
+        return endpoints
+
+    def connect(self, target: str | Resolver | Endpoint, *, timeout: float = 10.0) -> ssl.SSLSocket:
+        """Dial ``target`` over Connect mTLS and return a connected ``SSLSocket``.
+
+        ``target`` is a service name (or Consul DNS-style name), a resolver, or an
+        :class:`Endpoint`. One deadline covers discovery, TCP and the handshake; on a
+        refused, stalled or wrong-identity instance the next one is tried. Raises
+        :class:`NoInstancesError`, :class:`ServerIdentityError` or :class:`DialError`
+        listing every failure.
+        """
+        deadline = time.monotonic() + timeout
+        self.wait_ready(timeout)
+        endpoints = self._runtime.run(self._resolve(target), timeout=max(0.1, timeout))
+        failures: list[tuple[str, str]] = []
+        identity_failures = 0
+        for n, ep in enumerate(endpoints):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failures.append((f"{ep.host}:{ep.port}", "deadline exceeded before trying"))
+                continue
+            try:
+                sock = self._connect_one(ep, _attempt_budget(remaining, len(endpoints) - n))
+            except ServerIdentityError as exc:
+                identity_failures += 1
+                failures.append((f"{ep.host}:{ep.port}", str(exc)))
+                continue
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                failures.append((f"{ep.host}:{ep.port}", _describe(exc)))
+                continue
+            self._counters.dialed += 1
+            return sock
+        raise self._dial_error(target, failures, identity_failures)
+
+    def _connect_one(self, ep: Endpoint, timeout: float) -> ssl.SSLSocket:
+        raw = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        try:
+            raw.settimeout(timeout)
+            sock = self._client_ctx.wrap_socket(raw, server_hostname=None)
+            try:
+                verify_server_identity(sock, ep.identity)
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(None)
+            _peer_identities[sock] = ep.identity
+            return sock
+        except BaseException:
+            raw.close()
+            raise
+
+    async def open_connection(
+        self, target: str | Resolver | Endpoint, *, timeout: float = 10.0, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Async form of :meth:`connect`, returning ``(reader, writer)``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.wait_ready_async(timeout)
+        endpoints = await self._runtime.run_async(self._resolve(target), timeout)
+        failures: list[tuple[str, str]] = []
+        identity_failures = 0
+        for n, ep in enumerate(endpoints):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                failures.append((f"{ep.host}:{ep.port}", "deadline exceeded before trying"))
+                continue
+            remaining = _attempt_budget(remaining, len(endpoints) - n)
+            writer: asyncio.StreamWriter | None = None
+            try:
+                reader, opened = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        ep.host,
+                        ep.port,
+                        ssl=self._client_ctx,
+                        server_hostname="",
+                        ssl_handshake_timeout=remaining,
+                        **kwargs,
+                    ),
+                    remaining,
+                )
+                writer = opened
+                verify_server_identity(opened.get_extra_info("ssl_object"), ep.identity)
+            except ServerIdentityError as exc:
+                identity_failures += 1
+                failures.append((f"{ep.host}:{ep.port}", str(exc)))
+                if writer is not None:
+                    writer.transport.abort()
+                continue
+            except (TimeoutError, OSError, ssl.SSLError) as exc:
+                failures.append((f"{ep.host}:{ep.port}", _describe(exc)))
+                if writer is not None:
+                    writer.transport.abort()
+                continue
+            self._counters.dialed += 1
+            _peer_identities[opened] = ep.identity
+            _peer_identities[opened.transport] = ep.identity
+            return reader, opened
+        raise self._dial_error(target, failures, identity_failures)
+
+    def _dial_error(
+        self, target: Any, failures: list[tuple[str, str]], identity_failures: int
+    ) -> DialError:
+        self._counters.dial_failures += 1
+        detail = "; ".join(f"{addr}: {why}" for addr, why in failures)
+        msg = f"could not connect to {_name(target)}: {detail}"
+        if failures and identity_failures == len(failures):
+            return ServerIdentityError(msg, failures=failures)
+        return DialError(msg, failures=failures)
+
+    # -- closing ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every watch, listener, server, tracked connection and task this Service started.
+
+        Deregisters the service if it registered itself. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with self._ready_changed:
+            self._ready_changed.notify_all()
+        for listener in list(self._listeners):
+            listener.close()
+        for loop, server in list(self._servers):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(server.close)
+        with self._tracked_lock:
+            tracked = list(self._tracked.values())
+            self._tracked.clear()
+        for t in tracked:
+            with contextlib.suppress(Exception):
+                t.close()
+        try:
+            self._runtime.run(self._aclose_background(), timeout=_CLOSE_TIMEOUT)
+        except (TimeoutError, RuntimeError):
+            log.warning("service %s: background shutdown did not finish in time", self.name)
+        finally:
+            self._runtime.release()
+
+    async def aclose(self) -> None:
+        """Async form of :meth:`close`."""
+        servers = list(self._servers)
+        await asyncio.to_thread(self.close)
+        for loop, server in servers:
+            if loop is asyncio.get_running_loop():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), _CLOSE_TIMEOUT)
+
+    async def _aclose_background(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self._registration is not None:
+            with contextlib.suppress(Exception):
+                await self._registration.aclose()
+        for r in self._resolvers.values():
+            closer = getattr(r, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        self._resolvers.clear()
+        with contextlib.suppress(Exception):
+            await self._authorizer.aclose()
+        if self._hub is not None:
+            self._hub.remove_listeners(self._on_hub_roots, self._on_watch_error)
+            await self._hub.release()
+            self._hub = None
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r}, ready={self.ready})"
+
+
+class ConnectListener:
+    """A blocking Connect mTLS listener; :meth:`accept` returns only authorized peers.
+
+    Refused peers (bad certificate, bad identity, denied) are closed, counted and
+    skipped; each handshake is bounded by ``handshake_timeout``.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        host: str,
+        port: int,
+        backlog: int,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self._service = service
+        self._handshake_timeout = handshake_timeout
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+            self._sock.listen(backlog)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` this listener is bound to."""
+        host, port = self._sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def fileno(self) -> int:
+        """The listening socket's file descriptor (for ``select``)."""
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None = None) -> tuple[ssl.SSLSocket, ServiceIdentity]:
+        """Wait for the next authorized peer; return its socket and identity.
+
+        ``timeout`` bounds the whole wait (``TimeoutError``); closing the listener
+        from another thread ends the wait with ``OSError``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no authorized peer connected in time")
+                self._sock.settimeout(remaining)
+            else:
+                self._sock.settimeout(None)
+            try:
+                raw, _addr = self._sock.accept()
+            except TimeoutError:
+                raise TimeoutError("no authorized peer connected in time") from None
+            got = self._handshake(raw)
+            if got is not None:
+                return got
+
+    def _handshake(self, raw: socket.socket) -> tuple[ssl.SSLSocket, ServiceIdentity] | None:
+        svc = self._service
+        try:
+            raw.settimeout(self._handshake_timeout)
+            sock = svc.server_context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raw.close()
+            svc._reject(None, f"handshake failed: {_describe(exc)}")
+            return None
+        try:
+            identity = svc.authorize_peer(sock)
+        except PeerRejected:
+            with contextlib.suppress(OSError):
+                sock.close()
+            return None
+        sock.settimeout(None)
+        _peer_identities[sock] = identity
+
+        def close() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        svc._track(identity, close)
+        return sock, identity
+
+    def close(self) -> None:
+        """Stop listening (connections already accepted stay open)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with contextlib.suppress(ValueError):
+            self._service._listeners.remove(self)
+
+    def __iter__(self) -> Iterator[tuple[ssl.SSLSocket, ServiceIdentity]]:
+        while not self._closed:
+            try:
+                yield self.accept()
+            except OSError:
+                if self._closed:
+                    return
+                raise
+
+    def __enter__(self) -> ConnectListener:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _roots_from_pem(pem: str, trust_domain: str) -> RootSet:
+    from consul_connect.certs import CARoot, load_certificates
+
+    certs = load_certificates(pem)
+    if not certs:
+        raise CertificateError("no CA root certificate in roots_pem")
+    roots = tuple(
+        CARoot.from_certificate(c, active=(i == len(certs) - 1)) for i, c in enumerate(certs)
+    )
+    return RootSet(trust_domain=trust_domain, active_root_id=roots[-1].id, roots=roots)
+
+
+def _attempt_budget(remaining: float, left: int) -> float:
+    """Share what is left of a dial deadline so one stalled instance cannot use it all."""
+    if left <= 1:
+        return remaining
+    return max(min(remaining, 0.25), remaining / left)
+
+
+def _jitter() -> float:
+    import random
+
+    return random.random()
+
+
+def _name(target: Any) -> str:
+    if isinstance(target, str):
+        return repr(target)
+    if isinstance(target, Endpoint):
+        return f"{target.identity.service} at {target.host}:{target.port}"
+    return type(target).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc) or type(exc).__name__
+    return text

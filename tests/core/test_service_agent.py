@@ -1,0 +1,405 @@
+"""Services against the dev agent: identity, authorization, rotation, failure, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from consul_connect.agent.config import AgentConfig
+from consul_connect.devagent import DevAgent
+from consul_connect.discovery import Endpoint
+from consul_connect.errors import AgentPermissionError, NotReadyError, ServerIdentityError
+from consul_connect.service import Service, ServiceEvent, get_peer_identity
+
+
+def _cfg(agent: DevAgent, token: str = "") -> AgentConfig:
+    cfg = AgentConfig.from_address(agent.address)
+    return cfg.replace(token=token) if token else cfg
+
+
+def _intention(agent: DevAgent, source: str, dest: str, action: str, token: str = "") -> None:
+    headers = {"X-Consul-Token": token} if token else {}
+    r = httpx.put(
+        f"{agent.http_addr}/v1/connect/intentions/exact",
+        params={"source": source, "destination": dest},
+        json={"Action": action},
+        headers=headers,
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _decides(svc: Service, caller: Service, allowed: bool) -> Callable[[], bool]:
+    def check() -> bool:
+        d = svc.authorizer.decide(caller.identity)
+        return d is not None and d.allowed is allowed
+
+    return check
+
+
+class EchoServer:
+    """A sync Connect echo server on a thread (accept loop until closed)."""
+
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        self.listener = svc.listen()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        host, port = self.listener.address
+        return Endpoint(host, port, self.svc.identity)
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            for sock, identity in self.listener:
+                self.seen.append(identity.service)
+                threading.Thread(target=self._echo, args=(sock,), daemon=True).start()
+
+    @staticmethod
+    def _echo(sock: Any) -> None:
+        with contextlib.suppress(OSError), sock:
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    return
+                sock.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def services(agent: DevAgent) -> Iterator[Callable[..., Service]]:
+    made: list[Service] = []
+
+    def make(name: str, **kw: Any) -> Service:
+        svc = Service(name, agent=kw.pop("agent_config", _cfg(agent)), **kw)
+        made.append(svc)
+        return svc
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_two_services_talk_both_ways_through_the_agent(
+    agent: DevAgent, services: Callable[..., Service]
+) -> None:
+    web, api = services("web"), services("api")
+    web.wait_ready(15)
+    api.wait_ready(15)
+    servers = [EchoServer(api), EchoServer(web)]
+    try:
+        for client, server in ((web, servers[0]), (api, servers[1])):
+            with client.connect(server.endpoint, timeout=5) as conn:
+                conn.sendall(b"hi")
+                assert conn.recv(10) == b"hi"
+        assert servers[0].seen == ["web"] and servers[1].seen == ["api"]
+        assert web.identity.trust_domain == api.identity.trust_domain
+        assert web.identity.uri.endswith("/ns/default/dc/dc1/svc/web")
+    finally:
+        for s in servers:
+            s.close()
+
+
+async def test_two_services_talk_by_name_over_asyncio(
+    agent: DevAgent, services: Callable[..., Service]
+) -> None:
+    web = services("web")
+    api = services("api")
+    await web.wait_ready_async(15)
+    await api.wait_ready_async(15)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = get_peer_identity(writer)
+        writer.write(f"hello {peer.service if peer else '?'}".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await api.start_server(handler)
+    port = server.sockets[0].getsockname()[1]
+    async with httpx.AsyncClient(base_url=agent.http_addr) as http:
+        r = await http.put(
+            "/v1/agent/service/register",
+            json={"Name": "api", "ID": "api-1", "Port": port, "Connect": {"Native": True}},
+        )
+        assert r.status_code == 200, r.text
+    try:
+        reader, writer = await web.open_connection("api.service.consul", timeout=10)
+        assert await asyncio.wait_for(reader.read(100), 5) == b"hello web"
+        assert get_peer_identity(writer) == api.identity
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_intention_deny_refuses_a_peer_before_any_byte(
+    agent: DevAgent, services: Callable[..., Service]
+) -> None:
+    _intention(agent, "web", "api", "deny")
+    web, api = services("web"), services("api")
+    web.wait_ready(15)
+    api.wait_ready(15)
+    _wait_for(_decides(api, web, False), what="deny to reach the authorizer")
+    server = EchoServer(api)
+    try:
+        conn = web.connect(server.endpoint, timeout=5)
+        with conn:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"secret")
+            try:
+                got = conn.recv(10)
+            except OSError:
+                got = b""
+        assert got == b""
+        assert server.seen == []
+        _wait_for(lambda: api.statistics().rejected >= 1, what="the rejection to be counted")
+        assert api.statistics().rejected_by_reason
+    finally:
+        server.close()
+
+
+def test_changing_an_intention_to_deny_cuts_open_connections(
+    agent: DevAgent, services: Callable[..., Service]
+) -> None:
+    web, api = services("web"), services("api")
+    web.wait_ready(15)
+    api.wait_ready(15)
+    events: list[ServiceEvent] = []
+    api.on_event(events.append)
+    server = EchoServer(api)
+    try:
+        conn = web.connect(server.endpoint, timeout=5)
+        conn.sendall(b"one")
+        assert conn.recv(10) == b"one"
+        _intention(agent, "web", "api", "deny")
+        _wait_for(_decides(api, web, False), what="deny to reach the authorizer")
+        conn.settimeout(5)
+        try:
+            data = conn.recv(10)
+        except OSError:
+            data = b""
+        assert data == b""
+        assert any(e.kind == "peer_denied" and e.peer == web.identity for e in events)
+        conn.close()
+    finally:
+        server.close()
+
+
+def test_wrong_server_identity_is_refused(
+    agent: DevAgent, services: Callable[..., Service]
+) -> None:
+    web, api, db = services("web"), services("api"), services("db")
+    for s in (web, api, db):
+        s.wait_ready(15)
+    server = EchoServer(api)
+    try:
+        host, port = server.listener.address
+        with pytest.raises(ServerIdentityError):
+            web.connect(Endpoint(host, port, db.identity), timeout=5)
+    finally:
+        server.close()
+
+
+def test_readiness_is_truthful(agent: DevAgent) -> None:
+    svc = Service("web", agent=_cfg(agent))
+    try:
+        svc.wait_ready(15)
+        assert svc.ready and svc.statistics().ready
+        started = time.monotonic()
+        svc.wait_ready(15)
+        assert time.monotonic() - started < 0.5
+    finally:
+        svc.close()
+
+
+def test_unreachable_agent_gives_a_not_ready_error_naming_the_cause() -> None:
+    svc = Service("web", agent=AgentConfig.from_address("127.0.0.1:1"))
+    try:
+        assert not svc.ready
+        with pytest.raises(NotReadyError) as info:
+            svc.wait_ready(1.5)
+        assert "unreachable" in str(info.value)
+    finally:
+        svc.close()
+
+
+def test_token_without_service_write_gives_the_typed_error(start_agent: Any) -> None:
+    agent = start_agent(
+        acl_enabled=True, acl_default_policy="deny", acl_initial_management_token="root-token"
+    )
+    r = httpx.put(
+        f"{agent.http_addr}/v1/acl/token",
+        json={"ServiceIdentities": [{"ServiceName": "other"}]},
+        headers={"X-Consul-Token": "root-token"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    token = r.json()["SecretID"]
+    svc = Service("web", agent=_cfg(agent, token))
+    try:
+        with pytest.raises(AgentPermissionError) as info:
+            svc.wait_ready(15)
+        assert "service:write" in str(info.value)
+    finally:
+        svc.close()
+
+
+def _force_leaf_renewal(agent: DevAgent, service: str) -> None:
+    def go(ctx: Any) -> None:
+        from consul_connect.devagent.ca import LEAF_TABLE
+
+        entry = ctx.extensions["connect_ca"].leaves[service]
+        entry.force_expire_after = time.time()
+        ctx.store.touch(LEAF_TABLE)
+
+    agent.call(go)
+
+
+def _rotate_ca(agent: DevAgent) -> None:
+    r = httpx.put(
+        f"{agent.http_addr}/v1/connect/ca/configuration",
+        json={"Provider": "consul", "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384}},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_leaf_renewal_and_root_rotation_under_load_fail_no_connection(
+    start_agent: Any,
+) -> None:
+    agent = start_agent(leaf_root_change_jitter=0.0)
+    web = Service("web", agent=_cfg(agent))
+    api = Service("api", agent=_cfg(agent))
+    server = None
+    try:
+        web.wait_ready(15)
+        api.wait_ready(15)
+        server = EchoServer(api)
+        old_conn = web.connect(server.endpoint, timeout=5)
+        first_serial = api.statistics().leaf_serial
+        first_key = api._current_material().leaf.private_key_pem
+        failures: list[str] = []
+        done = threading.Event()
+        count = 0
+
+        def hammer() -> None:
+            nonlocal count
+            while not done.is_set() and count < 5000:
+                try:
+                    with web.connect(server.endpoint, timeout=5) as c:
+                        c.sendall(b"x")
+                        if c.recv(1) != b"x":
+                            failures.append("bad echo")
+                except Exception as exc:
+                    failures.append(repr(exc))
+                count += 1
+
+        t = threading.Thread(target=hammer)
+        t.start()
+        try:
+            _wait_for(lambda: count > 5, what="traffic")
+            _force_leaf_renewal(agent, "api")
+            _wait_for(lambda: api.statistics().leaf_serial != first_serial, what="leaf renewal")
+            renewed = api.statistics().leaf_serial
+            n = count
+            _wait_for(lambda: count > n + 5, what="traffic after renewal")
+            _rotate_ca(agent)
+            _wait_for(lambda: api.statistics().roots == 2, what="new roots")
+            _wait_for(
+                lambda: api.statistics().leaf_serial not in (first_serial, renewed),
+                what="leaf re-issued after rotation",
+            )
+            n = count
+            _wait_for(lambda: count > n + 5, what="traffic after rotation")
+        finally:
+            done.set()
+            t.join(30)
+        assert failures == []
+        assert api._current_material().leaf.private_key_pem != first_key
+        # The connection opened before everything still works.
+        old_conn.sendall(b"still")
+        assert old_conn.recv(10) == b"still"
+        old_conn.close()
+        # New handshakes present the new leaf.
+        with web.connect(server.endpoint, timeout=5) as c:
+            presented = c.getpeercert(binary_form=True)
+        assert presented is not None
+        from cryptography import x509
+
+        from consul_connect.certs import serial_to_colon_hex
+
+        cert = x509.load_der_x509_certificate(presented)
+        assert serial_to_colon_hex(cert.serial_number) == api.statistics().leaf_serial
+    finally:
+        if server is not None:
+            server.close()
+        web.close()
+        api.close()
+
+
+def test_existing_material_keeps_serving_while_the_agent_is_down(start_agent: Any) -> None:
+    agent = start_agent()
+    _intention(agent, "web", "api", "allow")
+    web = Service("web", agent=_cfg(agent))
+    api = Service("api", agent=_cfg(agent))
+    server = None
+    try:
+        web.wait_ready(15)
+        api.wait_ready(15)
+        _wait_for(_decides(api, web, True), what="allow to reach the authorizer")
+        server = EchoServer(api)
+        agent.stop()
+        with web.connect(server.endpoint, timeout=5) as c:
+            c.sendall(b"up")
+            assert c.recv(10) == b"up"
+        _wait_for(lambda: api.statistics().watch_errors > 0, what="a watch error")
+        assert api.authorizer.decide(web.identity) is not None
+    finally:
+        if server is not None:
+            server.close()
+        web.close()
+        api.close()
+
+
+def test_close_leaves_no_thread_task_or_socket(agent: DevAgent) -> None:
+    import os
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    threads_before = {t.ident for t in threading.enumerate()}
+    fds_before = fds()
+    svc = Service("web", agent=_cfg(agent))
+    svc.wait_ready(15)
+    listener = svc.listen()
+    assert listener.address[1] > 0
+    svc.close()
+    gc.collect()
+    _wait_for(
+        lambda: {t.ident for t in threading.enumerate()} <= threads_before,
+        what="threads to end",
+    )
+    _wait_for(lambda: fds() <= fds_before, what="sockets to close")

@@ -1,0 +1,209 @@
+"""A Service built from a test CA (no agent): accepting, dialling, refusing, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from consul_connect.authz.authorizers import AllowIdentities, AllowTrustDomain
+from consul_connect.discovery import Endpoint
+from consul_connect.errors import ConfigError, DialError, ServerIdentityError
+from consul_connect.service import Service, ServiceEvent, get_peer_identity
+from consul_connect.testing import TestCA
+
+
+@pytest.fixture
+def ca() -> TestCA:
+    return TestCA()
+
+
+@pytest.fixture
+def pair(ca: TestCA) -> Iterator[tuple[Service, Service]]:
+    web = Service.from_test_ca(ca, "web", authorizer=AllowTrustDomain(ca.trust_domain))
+    api_auth = AllowIdentities(ca.issue("web").identity)
+    api = Service.from_test_ca(ca, "api", authorizer=api_auth)
+    yield web, api
+    web.close()
+    api.close()
+
+
+def _echo_once(listener_accept: object) -> None:
+    sock, _identity = listener_accept()  # type: ignore[operator]
+    with sock:
+        data = sock.recv(1024)
+        sock.sendall(data.upper())
+
+
+def test_two_services_talk_over_sync_sockets(pair: tuple[Service, Service]) -> None:
+    web, api = pair
+    with api.listen() as listener:
+        host, port = listener.address
+        seen: list[str] = []
+
+        def serve() -> None:
+            sock, identity = listener.accept(timeout=10)
+            seen.append(identity.service)
+            with sock:
+                sock.sendall(sock.recv(1024).upper())
+
+        t = threading.Thread(target=serve)
+        t.start()
+        target = Endpoint(host, port, api.identity)
+        with web.connect(target, timeout=5) as conn:
+            conn.sendall(b"hello")
+            assert conn.recv(1024) == b"HELLO"
+            assert get_peer_identity(conn) == api.identity
+        t.join(10)
+    assert seen == ["web"]
+    assert api.statistics().accepted == 1
+
+
+async def test_two_services_talk_over_asyncio(pair: tuple[Service, Service]) -> None:
+    web, api = pair
+    callers: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = get_peer_identity(writer)
+        assert peer is not None
+        callers.append(peer.service)
+        writer.write((await reader.read(100)).upper())
+        await writer.drain()
+        writer.close()
+
+    server = await api.start_server(handler)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await web.open_connection(Endpoint("127.0.0.1", port, api.identity))
+    writer.write(b"ping")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(100), 5) == b"PING"
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    assert callers == ["web"]
+
+
+async def test_unlisted_identity_gets_no_application_bytes(
+    ca: TestCA, pair: tuple[Service, Service]
+) -> None:
+    _web, api = pair
+    intruder = Service.from_test_ca(ca, "intruder", authorizer=AllowTrustDomain(ca.trust_domain))
+    events: list[ServiceEvent] = []
+    api.on_event(events.append)
+    reached = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.set()
+        writer.close()
+
+    server = await api.start_server(handler)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await intruder.open_connection(Endpoint("127.0.0.1", port, api.identity))
+        writer.write(b"secret")
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            data = await asyncio.wait_for(reader.read(100), 5)
+            if data == b"":
+                raise ConnectionResetError("closed")
+        writer.close()
+    finally:
+        intruder.close()
+        server.close()
+        await server.wait_closed()
+    assert not reached.is_set()
+    stats = api.statistics()
+    assert stats.rejected == 1 and stats.accepted == 0
+    assert [e.kind for e in events] == ["peer_denied"]
+    assert events[0].peer is not None and events[0].peer.service == "intruder"
+
+
+def test_wrong_server_identity_is_refused(ca: TestCA, pair: tuple[Service, Service]) -> None:
+    web, api = pair
+    with api.listen() as listener:
+        host, port = listener.address
+        t = threading.Thread(target=lambda: _accept_quietly(listener), daemon=True)
+        t.start()
+        expected_db = ca.issue("db").identity
+        with pytest.raises(ServerIdentityError) as info:
+            web.connect(Endpoint(host, port, expected_db), timeout=5)
+        assert info.value.failures and "api" in info.value.failures[0][1]
+        t.join(10)
+
+
+def _accept_quietly(listener: object) -> None:
+    try:
+        sock, _ = listener.accept(timeout=5)  # type: ignore[attr-defined]
+        sock.close()
+    except (OSError, TimeoutError):
+        pass
+
+
+def test_refused_and_stalled_instances_fail_over_within_the_deadline(
+    pair: tuple[Service, Service],
+) -> None:
+    web, api = pair
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()  # nothing listens: connection refused
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)  # accepts TCP but never speaks TLS
+    from consul_connect.discovery import Endpoint as E
+
+    class Fixed:
+        def __init__(self, eps: list[E]) -> None:
+            self.eps = eps
+
+        async def resolve(self) -> list[E]:
+            return list(self.eps)
+
+    with api.listen() as listener:
+        host, port = listener.address
+        t = threading.Thread(target=lambda: _accept_quietly(listener), daemon=True)
+        t.start()
+        eps = [
+            E("127.0.0.1", refused_port, api.identity),
+            E("127.0.0.1", stalled.getsockname()[1], api.identity),
+            E(host, port, api.identity),
+        ]
+        # One short deadline for all: the stalled instance must not eat all of it.
+        started = time.monotonic()
+        with web.connect(Fixed(eps), timeout=1.5) as conn:
+            assert get_peer_identity(conn) == api.identity
+        assert time.monotonic() - started < 1.5
+        t.join(10)
+        # With nothing healthy left, the error lists every instance and why it failed.
+        with pytest.raises(DialError) as info:
+            web.connect(Fixed(eps[:2]), timeout=1.0)
+        assert "connection refused" in info.value.failures[0][1]
+        assert "timed out" in info.value.failures[1][1]
+    stalled.close()
+
+
+def test_dev_mode_requires_an_explicit_authorizer(ca: TestCA) -> None:
+    with pytest.raises(ConfigError):
+        Service.from_test_ca(ca, "web", authorizer="intentions")  # type: ignore[arg-type]
+
+
+def test_ready_service_returns_from_wait_ready_at_once(pair: tuple[Service, Service]) -> None:
+    web, _ = pair
+    assert web.ready
+    web.wait_ready(timeout=0)
+    assert web.statistics().ready
+
+
+def test_close_leaves_no_thread_behind(ca: TestCA) -> None:
+    before = {t.name for t in threading.enumerate()}
+    svc = Service.from_test_ca(ca, "solo", authorizer=AllowTrustDomain(ca.trust_domain))
+    listener = svc.listen()
+    svc.close()
+    after = {t.name for t in threading.enumerate()}
+    assert "consul-connect-runtime" not in after - before
+    with pytest.raises(OSError):
+        listener.accept(timeout=0.1)
