@@ -52,6 +52,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the demo on the embedded dev agent")
     demo.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    from consul_connect.cli_tools import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
@@ -108,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from consul_connect.demo import run_demo
 
         return run_demo(json_output=args.json)
-    return 2
+    func = getattr(args, "func", None)
+    if func is None:
+        return 2
+    return int(func(args))
 
 
 if __name__ == "__main__":
