@@ -172,7 +172,11 @@ def test_catalog_register_errors(http: httpx.Client) -> None:
     assert r.status_code == 400
     r = http.put(
         "/v1/catalog/register",
-        json={"Node": "ext-2", "Address": "192.0.2.2", "Check": {"Name": "c", "ServiceID": "ghost"}},
+        json={
+            "Node": "ext-2",
+            "Address": "192.0.2.2",
+            "Check": {"Name": "c", "ServiceID": "ghost"},
+        },
     )
     assert (r.status_code, r.text) == (500, 'Unknown service ID "ghost" for check ID "c"')
     assert "ext-2" not in {n["Node"] for n in http.get("/v1/catalog/nodes").json()}

@@ -84,7 +84,8 @@ class DevAgentApp:
         if found is None:
             raise HTTPError(404, _NOT_FOUND)
         route, suffix = found
-        allow = ",".join([*sorted(route.methods), "OPTIONS"])
+        # Consul lists the methods in registration order, OPTIONS last.
+        allow = ",".join([*route.methods, "OPTIONS"])
         if method == "OPTIONS":
             return Response(200, b"", {"Allow": allow}, None)
         handler = route.methods.get(method)
