@@ -471,9 +471,16 @@ class Service:
             # previous (working) material stays until a matching pair arrives.
             self._on_watch_error(exc)
             return
+        first = self._material is None
         self._material = material
         self._last_error = None
         self._ready.set()
+        if first and self._registration is not None:
+            # Turn the TTL check green now rather than at the next heartbeat.
+            beat = getattr(self._registration, "beat_now", None)
+            if beat is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._runtime.loop.call_soon_threadsafe(beat)
         with self._ready_changed:
             self._ready_changed.notify_all()
 
@@ -631,15 +638,24 @@ class Service:
         )
         self._emit(ServiceEvent("peer_denied", self.name, peer=identity, reason=reason))
 
-    def _track(self, identity: ServiceIdentity, close: Callable[[], None]) -> int:
+    def track_connection(self, identity: ServiceIdentity, close: Callable[[], None]) -> int:
+        """Register an accepted connection so a later deny (or :meth:`close`) can cut it.
+
+        ``close`` must be callable from any thread. Returns a token for
+        :meth:`untrack_connection`. Integrations call this for connections they accept.
+        """
         token = id(close)
         with self._tracked_lock:
             self._tracked[token] = _Tracked(identity, close)
         return token
 
-    def _untrack(self, token: int) -> None:
+    def untrack_connection(self, token: int) -> None:
+        """Forget a connection registered with :meth:`track_connection` (it ended)."""
         with self._tracked_lock:
             self._tracked.pop(token, None)
+
+    _track = track_connection
+    _untrack = untrack_connection
 
     def _on_authz_change(self) -> None:
         with self._ready_changed:

@@ -451,3 +451,14 @@ def test_blocking_list_returns_on_timeout_with_same_index(http: httpx.Client) ->
     r = http.get("/v1/connect/intentions", params={"index": index_of(first), "wait": "100ms"})
     assert r.status_code == 200
     assert index_of(r) == index_of(first)
+
+
+def test_list_filter_expression(http: httpx.Client) -> None:
+    put_exact(http, "web", "db", {"Action": "allow"})
+    put_exact(http, "api", "db", {"Action": "deny"})
+    r = http.get("/v1/connect/intentions", params={"filter": 'Action == "deny"'})
+    assert r.status_code == 200
+    assert [i["SourceName"] for i in r.json()] == ["api"]
+    r = http.get("/v1/connect/intentions", params={"filter": "Nope == 1"})
+    assert r.status_code == 500
+    assert r.text.startswith("Failed to create boolean expression evaluator")

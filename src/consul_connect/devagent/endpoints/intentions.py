@@ -27,6 +27,7 @@ from consul_connect.authz.intentions import (
     validate_legacy_intention,
 )
 from consul_connect.devagent.acl import ACLAuthorizer, filtered_headers, go_quote, rfc3339_nano
+from consul_connect.devagent.bexpr import MAP, BexprError, Schema, compile_filter
 from consul_connect.devagent.context import AgentContext
 from consul_connect.devagent.endpoints.config_entries import (
     CONFIG_TABLE,
@@ -55,6 +56,47 @@ __all__ = ["register"]
 _DEFAULT_NS = "default"
 _PERMISSION_DENIED = "Permission denied"
 _AUTHZ_CACHE_KEY = "intentions.authorize_cache"
+
+_HEADER_SCHEMA: Schema = {
+    k: None for k in ("Name", "Present", "Exact", "Prefix", "Suffix", "Regex", "Invert")
+}
+_PERMISSION_SCHEMA: Schema = {
+    "Action": None,
+    "HTTP": {
+        "PathExact": None,
+        "PathPrefix": None,
+        "PathRegex": None,
+        "Methods": [None],
+        "Header": [_HEADER_SCHEMA],
+    },
+}
+#: The fields ``?filter=`` may name on the intention list (``structs.Intention``).
+INTENTION_SCHEMA: Schema = {
+    **{
+        k: None
+        for k in (
+            "ID",
+            "Description",
+            "SourcePeer",
+            "SourceNS",
+            "SourceName",
+            "DestinationNS",
+            "DestinationName",
+            "SourcePartition",
+            "DestinationPartition",
+            "SourceType",
+            "Action",
+            "Precedence",
+            "CreatedAt",
+            "UpdatedAt",
+            "Hash",
+            "CreateIndex",
+            "ModifyIndex",
+        )
+    },
+    "Permissions": [_PERMISSION_SCHEMA],
+    "Meta": MAP,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,20 +266,21 @@ def register(router: Router, ctx: AgentContext) -> None:
         req.reject_enterprise_tenancy()
         if req.method == "POST":
             return _legacy_create(req)
+        try:
+            # Consul's Intention.List returns filter errors as plain errors (500).
+            flt = compile_filter(req.options.filter, INTENTION_SCHEMA)
+        except BexprError as exc:
+            raise HTTPError(500, str(exc)) from None
         authz = req.authz
 
         def run() -> tuple[int, Any]:
             items = all_intentions(ctx)
             visible = [i for i in items if _can_read(authz, i)]
-            return ctx.store.max_index(CONFIG_TABLE), (visible, len(visible) != len(items))
+            docs = flt.apply([i.to_json() for i in visible])
+            return ctx.store.max_index(CONFIG_TABLE), (docs, len(visible) != len(items))
 
-        index, (visible, dropped) = await blocking_query(req, [CONFIG_TABLE], run)
-        return query_response(
-            req,
-            [i.to_json() for i in visible],
-            index,
-            extra_headers=filtered_headers(authz, dropped),
-        )
+        index, (docs, dropped) = await blocking_query(req, [CONFIG_TABLE], run)
+        return query_response(req, docs, index, extra_headers=filtered_headers(authz, dropped))
 
     def _legacy_create(req: Request) -> Response:
         ixn = _decode_intention(req, "Failed to decode request body", 500)

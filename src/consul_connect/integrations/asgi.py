@@ -1,0 +1,552 @@
+"""Serve an ASGI application (FastAPI, Starlette, or any ASGI callable) on uvicorn as a
+Connect-native service.
+
+::
+
+    async with Service("api", agent=cfg) as svc:
+        server = await serve(app, svc, port=8443)   # returns once it accepts connections
+        ...
+        await server.aclose()
+
+    run(app, Service("api"), port=8443)            # blocking, Ctrl-C stops it
+
+Every connection is mutual TLS with the Service's newest leaf and CA roots (a new leaf or
+a root rotation applies to the next handshake without a restart). Right after the
+handshake, *before uvicorn reads a byte of HTTP*, the peer's certificate must carry one
+Consul service identity and the Service's authorizer must allow it; refused peers are
+aborted (and counted in ``service.statistics()``).
+
+The application finds the caller in the ASGI scope::
+
+    peer = scope["extensions"]["consul_connect"]
+    peer["peer_identity"]   # consul_connect.identity.ServiceIdentity
+    peer["peer_uri"]        # "spiffe://<trust-domain>/ns/default/dc/dc1/svc/web"
+
+or with :func:`peer_identity_from_scope`. In Starlette/FastAPI that is
+``request.scope["extensions"]["consul_connect"]``.
+
+L7 intentions: with ``enforce_intentions=True`` (the default) the app is wrapped in
+:class:`IntentionsMiddleware`, which decides every request (path, method, headers) with
+Consul's L7 semantics and answers ``403`` with a short plain-text reason. A caller whose
+matching intention has L7 permissions is then admitted at connection level and judged
+per request (Consul's authorize endpoint would refuse such a caller outright, since it
+cannot see requests); with ``enforce_intentions=False`` it is refused at connect.
+
+Limits: HTTP/1.1 (uvicorn's h11 protocol); WebSockets are off (``ws="none"``);
+uvicorn's own TLS handshake timeout (60 s) applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import posixpath
+import socket
+import time
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from consul_connect.errors import ConfigError, PeerRejected
+from consul_connect.identity import ServiceIdentity
+from consul_connect.service import Service
+from consul_connect.tls import peer_identity
+
+__all__ = [
+    "EXTENSION_KEY",
+    "ConnectServer",
+    "IntentionsMiddleware",
+    "peer_identity_from_scope",
+    "run",
+    "serve",
+]
+
+log = logging.getLogger("consul_connect.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+EXTENSION_KEY = "consul_connect"
+"""The key under ``scope["extensions"]`` holding ``{"peer_identity", "peer_uri"}``."""
+
+_RESERVED_OPTIONS = frozenset(
+    {
+        "app",
+        "host",
+        "port",
+        "uds",
+        "fd",
+        "http",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_keyfile_password",
+        "ssl_version",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ciphers",
+        "ssl_context_factory",
+        "reload",
+        "workers",
+    }
+)
+
+
+def peer_identity_from_scope(scope: Scope) -> ServiceIdentity | None:
+    """The caller's verified identity for a request served by :func:`serve` / :func:`run`.
+
+    Returns None when the scope did not come from a Connect server.
+    """
+    extensions = scope.get("extensions") or {}
+    peer = extensions.get(EXTENSION_KEY)
+    if not isinstance(peer, dict):
+        return None
+    identity = peer.get("peer_identity")
+    return identity if isinstance(identity, ServiceIdentity) else None
+
+
+# ----------------------------------------------------------------------- L7 enforcement
+
+
+def _authz_path(scope: Scope) -> str:
+    """The path intentions are matched against: decoded, dot segments resolved.
+
+    The application routes on the decoded path, so that is what must be authorized: a
+    rule on ``/admin`` must also catch ``/%61dmin`` and ``/public/../admin``.
+    """
+    path = str(scope.get("path") or "/")
+    if "/." in path:
+        trailing = path.endswith(("/", "/.", "/.."))
+        path = posixpath.normpath(path)
+        if path.startswith("//"):
+            path = "/" + path.lstrip("/")
+        if trailing and path != "/":
+            path += "/"
+    return path
+
+
+def _headers(scope: Scope) -> list[tuple[str, str]]:
+    return [
+        (bytes(k).decode("latin-1"), bytes(v).decode("latin-1"))
+        for k, v in scope.get("headers") or ()
+    ]
+
+
+class IntentionsMiddleware:
+    """ASGI middleware that enforces Consul L7 intentions on every HTTP request.
+
+    The caller is the identity :func:`serve` put into the scope; the decision comes from
+    ``service.authorize_request`` (local data, no agent call): the first matching
+    intention decides, L7 permissions in order (path exact/prefix/regex on the decoded
+    path, methods, headers), then the default. A denied HTTP request gets ``403`` with a
+    plain-text reason and never reaches ``app``; a denied WebSocket is closed with 1008.
+    A request without a Connect identity in its scope is denied. Lifespan passes through.
+    """
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        identity = peer_identity_from_scope(scope)
+        if identity is None:
+            allowed, reason = False, "no Connect peer identity on this connection"
+        else:
+            method = str(scope.get("method") or "GET")
+            decision = self.service.authorize_request(
+                identity, method, _authz_path(scope), _headers(scope)
+            )
+            allowed, reason = decision.allowed, decision.reason
+        if allowed:
+            await self.app(scope, receive, send)
+            return
+        log.info(
+            "service %s: request %s %s from %s denied: %s",
+            self.service.name,
+            scope.get("method", "GET"),
+            scope.get("path"),
+            identity.uri if identity else "unknown peer",
+            reason,
+        )
+        if kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = f"Forbidden by Consul intentions: {reason}\n".encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode("ascii")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------- connection check
+
+
+def _is_l7_only(service: Service, identity: ServiceIdentity) -> bool | None:
+    """True: an L7 intention matches (decide per request); None: no local decision."""
+    decision = service.authorizer.decide(identity)
+    if decision is None:
+        return None
+    return (
+        not decision.allowed
+        and decision.intention is not None
+        and decision.intention.is_l7
+    )
+
+
+def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]:
+    """An h11 protocol class that authorizes each connection for ``service``."""
+
+    class ConnectH11Protocol(H11Protocol):
+        _cc_state = "pending"
+        _cc_buffer: list[bytes]
+        _cc_token: int | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._cc_buffer = []
+            ssl_obj = transport.get_extra_info("ssl_object")
+            if ssl_obj is None:
+                self._cc_refuse()
+                return
+            try:
+                verdict = self._cc_check(ssl_obj)
+            except PeerRejected:
+                self._cc_refuse()
+                return
+            if verdict is None:
+                # The authorizer must ask the agent: hold the connection (no byte is
+                # handed to HTTP parsing) until it answers.
+                transport.pause_reading()
+                task = self.loop.create_task(self._cc_check_async(ssl_obj))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+                return
+            self._cc_accept(*verdict)
+
+        def _cc_check(self, ssl_obj: Any) -> tuple[ServiceIdentity, bool] | None:
+            try:
+                identity = peer_identity(ssl_obj)
+            except PeerRejected:
+                service.authorize_peer(ssl_obj)  # counts, logs and raises the refusal
+                raise
+            l7 = _is_l7_only(service, identity)
+            if l7 is None:
+                return None
+            if l7 and per_request:
+                return identity, False
+            return service.authorize_peer(ssl_obj), True
+
+        async def _cc_check_async(self, ssl_obj: Any) -> None:
+            try:
+                identity = await service.authorize_peer_async(ssl_obj)
+            except PeerRejected:
+                self._cc_refuse()
+                return
+            except Exception:
+                log.exception("service %s: authorizing a connection failed", service.name)
+                self._cc_refuse()
+                return
+            if self.transport.is_closing():
+                return
+            self._cc_accept(identity, True)
+            self.transport.resume_reading()
+
+        def _cc_refuse(self) -> None:
+            self._cc_state = "refused"
+            self._cc_buffer = []
+            self.transport.abort()
+
+        def _cc_accept(self, identity: ServiceIdentity, track: bool) -> None:
+            inner = self.app
+            uri = identity.uri
+
+            async def app_with_peer(scope: Scope, receive: Receive, send: Send) -> None:
+                extensions = scope.get("extensions")
+                if extensions is None:
+                    extensions = scope["extensions"] = {}
+                extensions[EXTENSION_KEY] = {"peer_identity": identity, "peer_uri": uri}
+                await inner(scope, receive, send)
+
+            self.app = app_with_peer
+            if track:
+                # Lets the Service abort this connection if a later intention change
+                # denies the peer. Per-request callers are re-judged on every request.
+                loop = self.loop
+                transport = self.transport
+
+                def close() -> None:
+                    loop.call_soon_threadsafe(transport.abort)
+
+                self._cc_token = service._track(identity, close)
+            self._cc_state = "accepted"
+            if self._cc_buffer:
+                data = b"".join(self._cc_buffer)
+                self._cc_buffer = []
+                super().data_received(data)
+
+        def data_received(self, data: bytes) -> None:
+            if self._cc_state == "accepted":
+                super().data_received(data)
+            elif self._cc_state == "pending":
+                self._cc_buffer.append(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            token, self._cc_token = self._cc_token, None
+            if token is not None:
+                service._untrack(token)
+            super().connection_lost(exc)
+
+    return ConnectH11Protocol
+
+
+# ------------------------------------------------------------------------------ server
+
+
+async def _wait_authorizer(service: Service, timeout: float) -> None:
+    """Wait for the authorizer's first data, so the first callers are not refused.
+
+    Authorizers without a ``wait_ready`` (static ones) are ready at once.
+    """
+    authorizer = service.authorizer
+    waiter = getattr(authorizer, "wait_ready", None)
+    if waiter is None or authorizer.ready:
+        return
+    # The authorizer's watch lives on the Service's runtime loop.
+    await service._runtime.run_async(waiter(timeout), timeout + 1.0)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, signals: bool) -> None:
+        super().__init__(config)
+        self._cc_signals = signals
+        self.cc_started = asyncio.Event() if not signals else None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # An embedded server leaves SIGINT/SIGTERM to the application that embeds it.
+        if not self._cc_signals:
+            yield
+            return
+        with super().capture_signals():
+            yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.cc_started is not None:
+            self.cc_started.set()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _config(
+    app: ASGIApp,
+    service: Service,
+    host: str,
+    port: int,
+    *,
+    enforce_intentions: bool,
+    options: dict[str, Any],
+) -> uvicorn.Config:
+    bad = sorted(_RESERVED_OPTIONS.intersection(options))
+    if bad:
+        raise ConfigError(f"serve()/run() set these uvicorn options themselves: {', '.join(bad)}")
+    if enforce_intentions and not isinstance(app, IntentionsMiddleware):
+        app = IntentionsMiddleware(app, service)
+    options.setdefault("ws", "none")
+    # Peers are authenticated by mTLS; X-Forwarded-* from a mesh peer is not trusted.
+    options.setdefault("proxy_headers", False)
+    options.setdefault("timeout_keep_alive", 15)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=_protocol_class(service, per_request=enforce_intentions),
+        **options,
+    )
+    config.load()
+    # After load(), which would otherwise replace it with a file-based context: every
+    # handshake now takes the Service's newest leaf and roots.
+    config.ssl = service.server_context
+    return config
+
+
+class ConnectServer:
+    """A running Connect-native uvicorn server (made by :func:`serve`).
+
+    ``host``/``port`` are the bound address (useful with ``port=0``); :meth:`aclose`
+    stops accepting, lets running requests finish (up to ``timeout``), runs the app's
+    lifespan shutdown and returns. Usable as ``async with``.
+    """
+
+    def __init__(self, server: _Server, task: asyncio.Task[None], host: str, port: int) -> None:
+        self._server = server
+        self._task = task
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        """``https://host:port`` of the listener (the peer still needs a Connect leaf)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    @property
+    def serving(self) -> bool:
+        """True until the server has stopped."""
+        return not self._task.done()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server stops; re-raise what made it stop, if it failed."""
+        await asyncio.shield(self._task)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Stop the server; connections still busy after ``timeout`` s are cut off."""
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._server.force_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+        except Exception:
+            log.exception("Connect server on port %d failed", self.port)
+
+    async def __aenter__(self) -> ConnectServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"ConnectServer({self.url!r}, serving={self.serving})"
+
+
+async def serve(
+    app: ASGIApp,
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    enforce_intentions: bool = True,
+    ready_timeout: float = 30.0,
+    **uvicorn_options: Any,
+) -> ConnectServer:
+    """Start serving ``app`` as ``service`` on the running loop; return once it listens.
+
+    Waits (up to ``ready_timeout`` s) for the Service's certificates and its
+    authorizer's first data (so early callers are not refused), binds
+    ``host:port`` (0 picks a free port: read :attr:`ConnectServer.port`) and runs the
+    app's lifespan startup. ``uvicorn_options`` go to ``uvicorn.Config`` (for example
+    ``log_level``, ``lifespan``, ``limit_concurrency``, ``timeout_keep_alive``, default
+    15); TLS, protocol and address options are set here and refused. Logging is left
+    as configured unless ``log_config`` is passed.
+
+    Raises :class:`~consul_connect.errors.NotReadyError` when the Service has no
+    certificate in time, :class:`~consul_connect.errors.ConfigError` for reserved
+    options, ``OSError`` when the address cannot be bound, ``RuntimeError`` when the
+    app's lifespan startup fails, ``TimeoutError`` if startup takes longer than
+    ``ready_timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ready_timeout
+    await service.wait_ready_async(ready_timeout)
+    await _wait_authorizer(service, max(0.1, deadline - loop.time()))
+    options = dict(uvicorn_options)
+    options.setdefault("log_config", None)
+    config = _config(
+        app, service, host, port, enforce_intentions=enforce_intentions, options=options
+    )
+    sock = _listen(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    server = _Server(config, signals=False)
+    assert server.cc_started is not None
+    started = server.cc_started
+
+    async def main() -> None:
+        try:
+            await server.serve(sockets=[sock])
+        except SystemExit as exc:
+            # uvicorn exits the process when the lifespan startup fails.
+            raise RuntimeError("the ASGI application failed its lifespan startup") from exc
+        finally:
+            sock.close()
+
+    task = loop.create_task(main(), name=f"consul-connect asgi {service.name}")
+    waiter = asyncio.ensure_future(started.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {waiter, task}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        waiter.cancel()
+    if task in done:
+        task.result()  # raises the startup failure
+        raise RuntimeError("the Connect server stopped during startup")
+    if not done:
+        server.should_exit = True
+        raise TimeoutError(f"the Connect server did not start within {ready_timeout:g}s")
+    log.info("service %s serving Connect mTLS on %s:%d", service.name, bound_host, bound_port)
+    return ConnectServer(server, task, str(bound_host), int(bound_port))
+
+
+def run(
+    app: ASGIApp,
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    enforce_intentions: bool = True,
+    ready_timeout: float = 30.0,
+    **uvicorn_options: Any,
+) -> None:
+    """Serve ``app`` as ``service`` until SIGINT/SIGTERM (blocking; uvicorn's own loop).
+
+    Same arguments and guarantees as :func:`serve`; uvicorn configures logging as usual.
+    The Service is not closed on return: it belongs to the caller.
+    """
+    deadline = time.monotonic() + ready_timeout
+    service.wait_ready(ready_timeout)
+    service._runtime.run(
+        _wait_authorizer(service, max(0.1, deadline - time.monotonic())), ready_timeout + 2.0
+    )
+    config = _config(
+        app,
+        service,
+        host,
+        port,
+        enforce_intentions=enforce_intentions,
+        options=dict(uvicorn_options),
+    )
+    sock = _listen(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    log.warning("service %s serving Connect mTLS on %s:%d", service.name, bound_host, bound_port)
+    try:
+        _Server(config, signals=True).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,732 @@
+"""gRPC (grpcio) over Consul Connect.
+
+Server::
+
+    server = connect_server(service)                 # or grpc.server(..., interceptors=[
+    add_connect_port(server, service, "0.0.0.0:8502")  #    ConnectServerInterceptor(service)])
+    server.start()
+
+:func:`add_connect_port` serves TLS with ``grpc.dynamic_ssl_server_credentials``: gRPC
+asks for certificates on every new connection, so a new leaf or root set applies
+without a restart; client certificates are required and checked against the current
+roots. gRPC Python has no per-connection hook, so :class:`ConnectServerInterceptor`
+(and :class:`AioConnectServerInterceptor` for ``grpc.aio``) authorizes every *call*
+from ``context.auth_context()``: the caller's SPIFFE ID, the service's authorizer, and
+for intentions with L7 permissions the gRPC path (``/pkg.Service/Method``, method
+``POST``). A refusal aborts the call with ``PERMISSION_DENIED`` and a short reason
+before the servicer runs.
+
+Client::
+
+    channel = connect_channel(service, "api.service.consul")
+    stub = MyStub(channel)
+
+gRPC Python checks a server's certificate by DNS name only and its client certificates
+are fixed per channel, which fits neither SPIFFE IDs nor rotation. So the channel
+speaks plaintext HTTP/2 to a private bridge: a Unix socket in a fresh ``0700``
+directory, served on the Service's background loop. For each connection gRPC opens,
+the bridge resolves the target, dials it with the Service's newest leaf (ALPN ``h2``),
+checks the server's SPIFFE ID, and only then relays bytes; a server with the wrong
+identity gets none. gRPC sees a refused dial as ``UNAVAILABLE`` and retries with its
+usual backoff; :attr:`ConnectChannel.last_error` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent import futures
+from functools import lru_cache
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from consul_connect._runtime import Runtime
+from consul_connect.authz.intentions import Decision
+from consul_connect.errors import (
+    ConsulConnectError,
+    DialError,
+    PeerRejected,
+    ServerIdentityError,
+)
+from consul_connect.identity import ServiceIdentity
+from consul_connect.service import Service
+from consul_connect.tls import (
+    HANDSHAKE_TIMEOUT,
+    DynamicClientContext,
+    TLSMaterial,
+    peer_identity,
+    verify_server_identity,
+)
+
+__all__ = [
+    "AioConnectChannel",
+    "AioConnectServerInterceptor",
+    "ConnectChannel",
+    "ConnectServerInterceptor",
+    "add_connect_port",
+    "connect_aio_channel",
+    "connect_aio_server",
+    "connect_channel",
+    "connect_server",
+    "peer_identity_of",
+    "server_credentials",
+]
+
+log = logging.getLogger("consul_connect.integrations.grpc")
+
+_AUTHORIZE_TIMEOUT = 10.0
+_RELAY_CHUNK = 64 * 1024
+
+
+# ------------------------------------------------------------------------ server: TLS
+
+
+def _server_config(material: TLSMaterial) -> grpc.ServerCertificateConfiguration:
+    leaf = material.leaf
+    return grpc.ssl_server_certificate_configuration(
+        [(leaf.private_key_pem.encode("ascii"), leaf.full_chain_pem.encode("ascii"))],
+        root_certificates=material.roots.cadata.encode("ascii"),
+    )
+
+
+def server_credentials(service: Service, *, timeout: float = 30.0) -> grpc.ServerCredentials:
+    """gRPC server credentials that follow ``service``'s leaf and roots.
+
+    Client certificates are required and must chain to the current roots. gRPC calls
+    back on every new connection; a changed (leaf, roots) snapshot is handed over then,
+    so rotation needs no restart (open connections keep their session). Waits up to
+    ``timeout`` s for certificates (raises :class:`~consul_connect.errors.NotReadyError`).
+    Authorization is *not* part of this: install :class:`ConnectServerInterceptor`.
+    """
+    service.wait_ready(timeout)
+    first = service._current_material()
+    last: list[TLSMaterial] = [first]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        # Runs on a gRPC core thread per handshake: only compare references here.
+        current = service._material
+        if current is None or current is last[0]:
+            return None
+        last[0] = current
+        return _server_config(current)
+
+    return grpc.dynamic_ssl_server_credentials(
+        _server_config(first),
+        fetch,  # type: ignore[arg-type]  # gRPC accepts None ("keep the current config")
+        require_client_authentication=True,
+    )
+
+
+def add_connect_port(server: grpc.Server | grpc.aio.Server, service: Service, address: str) -> int:
+    """Add a Connect mTLS port to a (sync or aio) gRPC server; return the bound port.
+
+    ``address`` is ``host:port`` (port 0 picks a free one). The server must also carry
+    :class:`ConnectServerInterceptor` / :class:`AioConnectServerInterceptor` (as
+    :func:`connect_server` / :func:`connect_aio_server` set up): the TLS layer alone admits
+    every service of the mesh. Raises ``RuntimeError`` if gRPC cannot bind.
+    """
+    return server.add_secure_port(address, server_credentials(service))
+
+
+# ------------------------------------------------------------------ server: authorization
+
+
+class _PemPeer:
+    """Just enough of an SSL object for :func:`peer_identity` (a peer's DER leaf)."""
+
+    server_side = True
+
+    def __init__(self, der: bytes) -> None:
+        self._der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self._der
+
+
+@lru_cache(maxsize=2048)
+def _identity_from_pem(pem: bytes) -> ServiceIdentity | str:
+    """The caller's identity in a PEM leaf, or why it is refused (cached per certificate)."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return "peer certificate does not parse"
+    try:
+        return peer_identity(_PemPeer(der))
+    except PeerRejected as exc:
+        return exc.reason
+
+
+def _caller(context: Any) -> ServiceIdentity | str:
+    auth = context.auth_context() or {}
+    security = auth.get("transport_security_type") or []
+    if b"ssl" not in security:
+        return "connection is not TLS"
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        return "no client certificate"
+    return _identity_from_pem(bytes(pems[0]))
+
+
+def peer_identity_of(context: Any) -> ServiceIdentity | None:
+    """The verified identity of the service calling this RPC (sync or aio context).
+
+    Returns None when the call did not arrive over Connect mTLS or the certificate holds
+    no service identity (an interceptor would have refused such a call).
+    """
+    found = _caller(context)
+    return found if isinstance(found, ServiceIdentity) else None
+
+
+def _headers(metadata: Any) -> list[tuple[str, str]]:
+    # Binary ("-bin") metadata has bytes values; L7 header rules only compare text.
+    return [(str(k), v) for k, v in (metadata or ()) if isinstance(v, str)]
+
+
+def _is_l7_denial(decision: Decision) -> bool:
+    ixn = decision.intention
+    return not decision.allowed and ixn is not None and bool(ixn.permissions)
+
+
+def _final(
+    service: Service, identity: ServiceIdentity, decision: Decision, method: str, md: Any
+) -> Decision:
+    """Turn a connection decision into the decision for one call.
+
+    Intentions with L7 permissions deny at L4; for gRPC they are judged per call with
+    the method path (``/pkg.Service/Method``) as the HTTP path and ``POST`` as method.
+    """
+    if _is_l7_denial(decision):
+        decision = service.authorize_request(identity, "POST", method, _headers(md))
+    if not decision.allowed:
+        service._reject(identity, decision.reason)
+    return decision
+
+
+def _deny_text(decision: Decision) -> str:
+    return f"consul-connect: {decision.reason}"
+
+
+def _sync_check(service: Service, context: Any, method: str, md: Any) -> str | None:
+    """None when the call may proceed, else the PERMISSION_DENIED message."""
+    caller = _caller(context)
+    if isinstance(caller, str):
+        service._reject(None, caller)
+        return f"consul-connect: {caller}"
+    decision = service.authorizer.decide(caller)
+    if decision is None:
+        try:
+            decision = service._runtime.run(
+                service.authorizer.authorize(caller), timeout=_AUTHORIZE_TIMEOUT
+            )
+        except Exception as exc:  # fail closed on anything, incl. timeouts
+            decision = Decision(False, f"authorization failed: {exc}")
+    decision = _final(service, caller, decision, method, md)
+    return None if decision.allowed else _deny_text(decision)
+
+
+async def _async_check(service: Service, context: Any, method: str, md: Any) -> str | None:
+    caller = _caller(context)
+    if isinstance(caller, str):
+        service._reject(None, caller)
+        return f"consul-connect: {caller}"
+    decision = service.authorizer.decide(caller)
+    if decision is None:
+        try:
+            decision = await service._runtime.run_async(
+                service.authorizer.authorize(caller), timeout=_AUTHORIZE_TIMEOUT
+            )
+        except Exception as exc:  # fail closed on anything, incl. timeouts
+            decision = Decision(False, f"authorization failed: {exc}")
+    decision = _final(service, caller, decision, method, md)
+    return None if decision.allowed else _deny_text(decision)
+
+
+def _rebuild(handler: Any, wrap: Callable[[Any], Any]) -> Any:
+    """A method handler like ``handler`` whose behaviour is ``wrap(behaviour)``."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **kw)
+    return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kw)
+
+
+class ConnectServerInterceptor(grpc.ServerInterceptor):
+    """Authorizes every call on a sync ``grpc.server`` before the servicer runs.
+
+    The caller is the SPIFFE ID in its (already chain-verified) client certificate.
+    The Service's authorizer decides locally (``decide``), or, for authorizers that must
+    ask the agent, within 10 s on the Service's background loop. Intentions with L7
+    permissions are evaluated per call with the gRPC method path. A refusal aborts with
+    ``PERMISSION_DENIED`` (details ``"consul-connect: <reason>"``), is counted in
+    ``service.statistics()`` and reported as a ``peer_denied`` event.
+    """
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service = self._service
+        method = handler_call_details.method
+        md = handler_call_details.invocation_metadata
+
+        def wrap(behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+            def authorized(request: Any, context: Any) -> Any:
+                denial = _sync_check(service, context, method, md)
+                if denial is not None:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                return behaviour(request, context)
+
+            return authorized
+
+        return _rebuild(handler, wrap)
+
+
+class AioConnectServerInterceptor(grpc.aio.ServerInterceptor):
+    """The ``grpc.aio`` form of :class:`ConnectServerInterceptor` (same rules)."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service = self._service
+        method = handler_call_details.method
+        md = handler_call_details.invocation_metadata
+
+        async def check(context: Any) -> None:
+            denial = await _async_check(service, context, method, md)
+            if denial is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+
+        def wrap(behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+            # Keep the behaviour's kind: gRPC iterates async generators and awaits the rest.
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def authorized_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                    await check(context)
+                    async for item in behaviour(request, context):
+                        yield item
+
+                return authorized_stream
+
+            async def authorized(request: Any, context: Any) -> Any:
+                await check(context)
+                result = behaviour(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+            return authorized
+
+        return _rebuild(handler, wrap)
+
+
+def connect_server(
+    service: Service,
+    *,
+    executor: futures.ThreadPoolExecutor | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    **kwargs: Any,
+) -> grpc.Server:
+    """A sync ``grpc.Server`` with :class:`ConnectServerInterceptor` as first interceptor.
+
+    ``executor`` defaults to a 16-thread pool; other keyword arguments go to
+    ``grpc.server``. Add ports with :func:`add_connect_port`.
+    """
+    pool = executor if executor is not None else futures.ThreadPoolExecutor(max_workers=16)
+    return grpc.server(
+        pool, interceptors=[ConnectServerInterceptor(service), *interceptors], **kwargs
+    )
+
+
+def connect_aio_server(
+    service: Service,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    **kwargs: Any,
+) -> grpc.aio.Server:
+    """A ``grpc.aio.Server`` with :class:`AioConnectServerInterceptor` first.
+
+    Call it with an event loop running. Other keyword arguments go to ``grpc.aio.server``.
+    """
+    return grpc.aio.server(
+        interceptors=[AioConnectServerInterceptor(service), *interceptors], **kwargs
+    )
+
+
+# ----------------------------------------------------------------------- client: bridge
+
+# One h2 client context per Service: the Service's own contexts advertise no ALPN
+# (they also serve HTTP/1.1), while gRPC servers expect "h2".
+_h2_contexts: weakref.WeakKeyDictionary[Service, DynamicClientContext] = weakref.WeakKeyDictionary()
+
+
+def _h2_context(service: Service) -> DynamicClientContext:
+    ctx = _h2_contexts.get(service)
+    if ctx is not None:
+        return ctx
+    ref = weakref.ref(service)
+    cache: list[TLSMaterial | None] = [None, None]
+
+    def current() -> TLSMaterial:
+        svc = ref()
+        if svc is None:
+            raise DialError("the Service was garbage-collected")
+        base = svc._current_material()
+        derived = cache[1]
+        if cache[0] is not base or derived is None:
+            derived = TLSMaterial.build(base.leaf, base.roots, alpn_protocols=["h2"])
+            cache[0], cache[1] = base, derived
+        return derived
+
+    ctx = DynamicClientContext(current)
+    _h2_contexts[service] = ctx
+    return ctx
+
+
+class _Bridge:
+    """A Unix-socket listener that relays each accepted stream over a fresh Connect dial.
+
+    Lives on the Service's background loop; the socket sits in a private (0700)
+    directory so no other local user can borrow this service's identity through it.
+    """
+
+    def __init__(self, service: Service, target: str, dial_timeout: float) -> None:
+        self._service = service
+        self._target = target
+        self._dial_timeout = dial_timeout
+        self.last_error = ""
+        self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closed = False
+        self._runtime = Runtime.acquire()
+        self._dir = tempfile.mkdtemp(prefix="consul-connect-grpc-")
+        self.path = os.path.join(self._dir, "bridge.sock")
+        try:
+            self._server = self._runtime.run(self._start(), timeout=10.0)
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._runtime.release()
+            raise
+
+    async def _start(self) -> asyncio.AbstractServer:
+        return await asyncio.start_unix_server(self._handle, path=self.path)
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        svc = self._service
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._dial_timeout
+        await svc.wait_ready_async(self._dial_timeout)
+        async with asyncio.timeout(max(0.1, deadline - loop.time())):
+            endpoints = await svc._resolve(self._target)
+        ctx = _h2_context(svc)
+        failures: list[tuple[str, str]] = []
+        identity_failures = 0
+        for n, ep in enumerate(endpoints):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                failures.append((ep.address, "deadline exceeded before trying"))
+                continue
+            left = len(endpoints) - n
+            budget = remaining if left == 1 else min(remaining, max(0.25, remaining / left))
+            writer: asyncio.StreamWriter | None = None
+            try:
+                async with asyncio.timeout(budget):
+                    reader, writer = await asyncio.open_connection(
+                        ep.host,
+                        ep.port,
+                        ssl=ctx,
+                        server_hostname="",
+                        ssl_handshake_timeout=min(budget, HANDSHAKE_TIMEOUT),
+                    )
+                verify_server_identity(writer, ep.identity)
+            except ServerIdentityError as exc:
+                identity_failures += 1
+                failures.append((ep.address, str(exc)))
+                if writer is not None:
+                    writer.transport.abort()
+                continue
+            except (TimeoutError, OSError, ConsulConnectError) as exc:
+                failures.append((ep.address, str(exc) or type(exc).__name__))
+                if writer is not None:
+                    writer.transport.abort()
+                continue
+            return reader, writer
+        detail = "; ".join(f"{a}: {why}" for a, why in failures)
+        msg = f"could not connect to {self._target!r}: {detail}"
+        if failures and identity_failures == len(failures):
+            raise ServerIdentityError(msg, failures=failures)
+        raise DialError(msg, failures=failures)
+
+    async def _handle(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
+        if self._closed:
+            local_w.transport.abort()
+            return
+        self._writers.add(local_w)
+        remote_w: asyncio.StreamWriter | None = None
+        try:
+            try:
+                remote_r, remote_w = await self._dial()
+            except (ConsulConnectError, TimeoutError, OSError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("gRPC bridge to %s: %s", self._target, self.last_error)
+                local_w.transport.abort()
+                return
+            self.connections += 1
+            self._writers.add(remote_w)
+            pumps = [
+                asyncio.ensure_future(_pump(local_r, remote_w)),
+                asyncio.ensure_future(_pump(remote_r, local_w)),
+            ]
+            try:
+                # h2 never half-closes usefully: when one side ends, end both.
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for p in pumps:
+                    p.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            for w in (local_w, remote_w):
+                if w is not None:
+                    self._writers.discard(w)
+                    w.transport.abort()
+
+    async def _aclose(self) -> None:
+        self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 5.0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                self._runtime.run(self._aclose(), timeout=10.0)
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._runtime.release()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        while True:
+            data = await reader.read(_RELAY_CHUNK)
+            if not data:
+                return
+            writer.write(data)
+            await writer.drain()
+
+
+def _channel_setup(
+    service: Service,
+    target: str,
+    options: Sequence[tuple[str, Any]] | None,
+    dial_timeout: float,
+) -> tuple[_Bridge, str, list[tuple[str, Any]]]:
+    bridge = _Bridge(service, target, dial_timeout)
+    opts = list(options or [])
+    if not any(k == "grpc.default_authority" for k, _ in opts):
+        # Without this, :authority would be the bridge's socket path.
+        opts.append(("grpc.default_authority", target))
+    return bridge, f"unix:{bridge.path}", opts
+
+
+class ConnectChannel(grpc.Channel):
+    """A ``grpc.Channel`` to a Connect service (from :func:`connect_channel`).
+
+    Behaves like the channel it wraps; :meth:`close` also stops its bridge.
+    """
+
+    def __init__(self, channel: grpc.Channel, bridge: _Bridge) -> None:
+        self._channel = channel
+        self._bridge = bridge
+
+    @property
+    def last_error(self) -> str:
+        """Why the most recent dial failed (empty if none has)."""
+        return self._bridge.last_error
+
+    @property
+    def connections(self) -> int:
+        """How many Connect connections this channel has opened so far."""
+        return self._bridge.connections
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        self._channel.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        self._channel.unsubscribe(callback)
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+    def close(self) -> None:
+        """Close the channel (cancelling its RPCs), then the bridge and its connections."""
+        try:
+            self._channel.close()
+        finally:
+            self._bridge.close()
+
+    def __enter__(self) -> ConnectChannel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def connect_channel(
+    service: Service,
+    target: str,
+    *,
+    options: Sequence[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    dial_timeout: float = 10.0,
+) -> ConnectChannel:
+    """A sync gRPC channel to the Connect service ``target``, as ``service``.
+
+    ``target`` is a service name or Consul DNS-style name (``api``,
+    ``api.service.consul``, ``api.service.dc2.consul``, ``q.query.consul``). Each
+    connection gRPC opens is dialled afresh: discovery, the newest leaf, ALPN ``h2``, and
+    the server's SPIFFE ID checked before any gRPC byte is relayed, within
+    ``dial_timeout`` s. A failed dial shows up as ``UNAVAILABLE`` on the RPC (see
+    :attr:`ConnectChannel.last_error`). ``options``/``compression`` go to gRPC.
+    Close the channel when done.
+    """
+    bridge, address, opts = _channel_setup(service, target, options, dial_timeout)
+    try:
+        channel = grpc.insecure_channel(address, options=opts, compression=compression)
+    except BaseException:
+        bridge.close()
+        raise
+    return ConnectChannel(channel, bridge)
+
+
+class AioConnectChannel(grpc.aio.Channel):
+    """A ``grpc.aio.Channel`` to a Connect service (from :func:`connect_aio_channel`)."""
+
+    def __init__(self, channel: grpc.aio.Channel, bridge: _Bridge) -> None:
+        self._channel = channel
+        self._bridge = bridge
+
+    @property
+    def last_error(self) -> str:
+        """Why the most recent dial failed (empty if none has)."""
+        return self._bridge.last_error
+
+    @property
+    def connections(self) -> int:
+        """How many Connect connections this channel has opened so far."""
+        return self._bridge.connections
+
+    async def __aenter__(self) -> AioConnectChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel (after ``grace`` s for RPCs in flight), then the bridge."""
+        try:
+            await self._channel.close(grace)
+        finally:
+            await asyncio.to_thread(self._bridge.close)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+
+def connect_aio_channel(
+    service: Service,
+    target: str,
+    *,
+    options: Sequence[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    dial_timeout: float = 10.0,
+) -> AioConnectChannel:
+    """The ``grpc.aio`` form of :func:`connect_channel` (call it with a loop running).
+
+    Close it with ``await channel.close()`` or ``async with``.
+    """
+    bridge, address, opts = _channel_setup(service, target, options, dial_timeout)
+    try:
+        channel = grpc.aio.insecure_channel(
+            address, options=opts, compression=compression, interceptors=interceptors
+        )
+    except BaseException:
+        bridge.close()
+        raise
+    return AioConnectChannel(channel, bridge)

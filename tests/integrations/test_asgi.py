@@ -1,0 +1,245 @@
+"""Serving an ASGI app on uvicorn as a Connect-native service: every connection is
+authorized before HTTP is parsed, the caller is in the scope, L7 intentions per request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from typing import Any
+
+import httpx
+import pytest
+
+from consul_connect.identity import ServiceIdentity
+from consul_connect.integrations.asgi import (
+    EXTENSION_KEY,
+    IntentionsMiddleware,
+    _authz_path,
+    serve,
+)
+from consul_connect.integrations.httpx import AsyncConnectTransport
+from consul_connect.tls import DynamicServerContext
+from tests.integrations import (
+    Mesh,
+    RecordingApp,
+    decided,
+    deny,
+    get_only,
+    mesh,
+    wait_until_async,
+)
+
+__all__ = ["mesh"]
+
+
+async def test_allowed_caller_reaches_app_with_its_identity_in_the_scope(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        r = await client.get("https://api.service.consul/hello")
+    assert r.status_code == 200
+    assert r.json()["peer"] == mesh.web.identity.uri
+    peer = mesh.app.scopes[0]["extensions"][EXTENSION_KEY]
+    assert isinstance(peer["peer_identity"], ServiceIdentity)
+    assert peer["peer_identity"].service == "web"
+    assert peer["peer_uri"] == mesh.web.identity.uri
+    assert mesh.app.scopes[0]["scheme"] == "https"
+    assert mesh.api.statistics().accepted >= 1
+
+
+async def test_denied_caller_is_refused_at_connect_and_the_app_never_runs(mesh: Mesh) -> None:
+    deny(mesh.http, "web", "api")
+    await wait_until_async(decided(mesh.api, mesh.web.identity, False), what="deny applied")
+    before = mesh.api.statistics().rejected
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        with pytest.raises(httpx.TransportError):
+            await client.get("https://api.service.consul/secret")
+    assert mesh.app.calls == 0
+    assert mesh.api.statistics().rejected > before
+
+
+async def test_client_without_a_certificate_gets_no_application_bytes(mesh: Mesh) -> None:
+    # Trusts the mesh CA but presents no client certificate.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=mesh.web.client_context.current.roots.cadata)  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", mesh.server.port, ssl=ctx, server_hostname=""
+    )
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        try:
+            data = await asyncio.wait_for(reader.read(1024), 5)
+        except (ConnectionError, ssl.SSLError):
+            data = b""
+        assert data == b""
+    finally:
+        writer.transport.abort()
+    assert mesh.app.calls == 0
+
+
+async def test_l7_denied_request_gets_403_while_get_works_on_the_same_connection(
+    mesh: Mesh,
+) -> None:
+    get_only(mesh.http, "web", "api")
+    await wait_until_async(
+        lambda: not mesh.api.authorize_request(mesh.web.identity, "POST", "/x", []).allowed,
+        what="L7 intention applied",
+    )
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        first = await client.get("https://api.service.consul/items")
+        denied = await client.post("https://api.service.consul/items", content=b"x" * 1000)
+        again = await client.get("https://api.service.consul/items/1")
+    assert first.status_code == 200
+    assert denied.status_code == 403
+    assert denied.headers["content-type"].startswith("text/plain")
+    assert "Forbidden by Consul intentions" in denied.text
+    assert "Permissions[1]" in denied.text
+    assert again.status_code == 200
+    streams = [r.extensions["network_stream"].get_extra_info("ssl_object") for r in (first, again)]
+    streams.append(denied.extensions["network_stream"].get_extra_info("ssl_object"))
+    assert streams[0] is streams[1] is streams[2], "all three requests share one connection"
+    assert [s["method"] for s in mesh.app.scopes] == ["GET", "GET"]
+
+
+async def test_l4_change_to_deny_is_enforced_on_open_keepalive_connections(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        assert (await client.get("https://api.service.consul/a")).status_code == 200
+        deny(mesh.http, "web", "api")
+        await wait_until_async(decided(mesh.api, mesh.web.identity, False), what="deny applied")
+        # The Service aborts the open connection; a request racing that abort is judged
+        # by the middleware. Either way the app never sees it.
+        try:
+            late = await client.get("https://api.service.consul/b")
+        except httpx.TransportError:
+            pass
+        else:
+            assert late.status_code == 403
+    assert [s["path"] for s in mesh.app.scopes] == ["/a"]
+
+
+async def test_server_reports_its_port_and_stops_cleanly(mesh: Mesh) -> None:
+    server = await serve(RecordingApp(), mesh.api, port=0)
+    assert server.port > 0 and server.serving
+    assert server.url == f"https://127.0.0.1:{server.port}"
+    await server.aclose()
+    assert not server.serving
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", server.port)
+
+
+async def test_uvicorn_tls_options_are_refused(mesh: Mesh) -> None:
+    from consul_connect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ssl_certfile"):
+        await serve(RecordingApp(), mesh.api, ssl_certfile="/nope.pem")
+
+
+def test_server_context_is_the_services_dynamic_context(mesh: Mesh) -> None:
+    assert isinstance(mesh.api.server_context, DynamicServerContext)
+
+
+# ------------------------------------------------------------ middleware, no network
+
+
+class _Decider:
+    """A stand-in Service whose L7 decision is fixed."""
+
+    name = "api"
+
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+        self.seen: list[tuple[str, str]] = []
+
+    def authorize_request(self, identity: Any, method: str, path: str, headers: Any) -> Any:
+        self.seen.append((method, path))
+
+        class D:
+            allowed = self.allowed
+            reason = "Matched L7 intention: web => api, Permissions[0] (DENY)"
+
+        return D()
+
+
+async def _call(mw: IntentionsMiddleware, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    await mw(scope, receive, send)
+    return sent
+
+
+def _scope(path: str, with_peer: bool = True) -> dict[str, Any]:
+    ident = ServiceIdentity("td.consul", "default", "dc1", "web")
+    ext = {EXTENSION_KEY: {"peer_identity": ident, "peer_uri": ident.uri}} if with_peer else {}
+    return {"type": "http", "method": "GET", "path": path, "headers": [], "extensions": ext}
+
+
+async def test_request_without_connect_identity_is_denied_by_the_middleware() -> None:
+    app = RecordingApp()
+    mw = IntentionsMiddleware(app, _Decider(True))  # type: ignore[arg-type]
+    sent = await _call(mw, _scope("/x", with_peer=False))
+    assert sent[0]["status"] == 403
+    assert b"no Connect peer identity" in sent[1]["body"]
+    assert app.calls == 0
+
+
+async def test_middleware_authorizes_the_normalized_path() -> None:
+    decider = _Decider(False)
+    mw = IntentionsMiddleware(RecordingApp(), decider)  # type: ignore[arg-type]
+    sent = await _call(mw, _scope("/public/../admin"))
+    assert decider.seen == [("GET", "/admin")]
+    assert sent[0]["status"] == 403
+    body = sent[1]["body"].decode()
+    assert body.startswith("Forbidden by Consul intentions:")
+    assert json.dumps(body)  # plain text, one line
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/", "/"),
+        ("/a/b", "/a/b"),
+        ("/a/./b/", "/a/b/"),
+        ("/a/../../etc", "/etc"),
+        ("/a/b/..", "/a/"),
+        ("//x/../y", "/y"),
+    ],
+)
+def test_authz_path_resolves_dot_segments(raw: str, expected: str) -> None:
+    assert _authz_path({"path": raw}) == expected
+
+
+async def test_agent_authorizer_decides_each_connection_before_http_is_read(
+    mesh: Mesh,
+) -> None:
+    from consul_connect.agent.config import AgentConfig
+    from consul_connect.service import Service
+    from tests.integrations import register
+
+    deny(mesh.http, "web", "billing")
+    cfg = AgentConfig.from_address(mesh.agent.address)
+    billing = Service("billing", agent=cfg, authorizer="agent")
+    admin = Service("admin", agent=cfg)
+    app = RecordingApp()
+    server = await serve(app, billing, ready_timeout=10)
+    try:
+        register(mesh.http, "billing", server.port)
+        await admin.wait_ready_async(10)
+        async with httpx.AsyncClient(transport=AsyncConnectTransport(admin)) as client:
+            ok = await client.post("https://billing.service.consul/pay", content=b"1")
+        assert ok.status_code == 200
+        assert ok.json()["peer"] == admin.identity.uri
+        async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+            with pytest.raises(httpx.TransportError):
+                await client.get("https://billing.service.consul/pay")
+        assert [s["path"] for s in app.scopes] == ["/pay"]
+        assert billing.statistics().rejected == 1
+    finally:
+        await server.aclose()
+        await admin.aclose()
+        await billing.aclose()
