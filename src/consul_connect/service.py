@@ -139,6 +139,12 @@ class _Counters:
 class _Tracked:
     identity: ServiceIdentity
     close: Callable[[], None]
+    per_request_l7: bool = False
+
+
+def _l7_match(decision: Decision) -> bool:
+    """True when the decision came from an intention with L7 permissions."""
+    return decision.intention is not None and decision.intention.is_l7
 
 
 class Service:
@@ -583,36 +589,40 @@ class Service:
 
     # -- authorization ----------------------------------------------------------
 
-    def authorize_peer(self, ssl_obj: Any) -> ServiceIdentity:
+    def authorize_peer(self, ssl_obj: Any, *, per_request_l7: bool = False) -> ServiceIdentity:
         """Check a completed server-side handshake: identity, then the authorizer.
 
         Returns the peer identity, or raises :class:`PeerRejected` (counted, logged,
         and reported as a ``peer_denied`` event). Never calls the agent when the
-        authorizer has local data.
+        authorizer has local data. With ``per_request_l7=True`` (HTTP servers that
+        judge every request with :meth:`authorize_request`) a caller whose matching
+        intention has L7 permissions is admitted; otherwise such a caller is refused,
+        as Consul's authorize endpoint refuses it.
         """
-        try:
-            identity = peer_identity(ssl_obj)
-        except PeerRejected as exc:
-            self._reject(None, exc.reason)
-            raise
+        identity = self._identity_or_reject(ssl_obj)
         decision = self._authorizer.decide(identity)
         if decision is None:
             decision = self._runtime.run(self._authorizer.authorize(identity), timeout=10.0)
-        return self._apply_decision(identity, decision)
+        return self._apply_decision(identity, decision, per_request_l7)
 
-    async def authorize_peer_async(self, ssl_obj: Any) -> ServiceIdentity:
+    async def authorize_peer_async(
+        self, ssl_obj: Any, *, per_request_l7: bool = False
+    ) -> ServiceIdentity:
         """Async form of :meth:`authorize_peer` (for authorizers that must ask the agent)."""
-        try:
-            identity = peer_identity(ssl_obj)
-        except PeerRejected as exc:
-            self._reject(None, exc.reason)
-            raise
+        identity = self._identity_or_reject(ssl_obj)
         decision = self._authorizer.decide(identity)
         if decision is None:
             decision = await self._runtime.run_async(
                 self._authorizer.authorize(identity), timeout=10.0
             )
-        return self._apply_decision(identity, decision)
+        return self._apply_decision(identity, decision, per_request_l7)
+
+    def _identity_or_reject(self, ssl_obj: Any) -> ServiceIdentity:
+        try:
+            return peer_identity(ssl_obj)
+        except PeerRejected as exc:
+            self._reject(None, exc.reason)
+            raise
 
     def authorize_request(
         self, identity: ServiceIdentity, method: str, path: str, headers: Any
@@ -620,8 +630,10 @@ class Service:
         """The L7 decision for one HTTP request from ``identity`` (no agent call)."""
         return self._authorizer.decide_request(identity, method, path, headers)
 
-    def _apply_decision(self, identity: ServiceIdentity, decision: Decision) -> ServiceIdentity:
-        if not decision.allowed:
+    def _apply_decision(
+        self, identity: ServiceIdentity, decision: Decision, per_request_l7: bool = False
+    ) -> ServiceIdentity:
+        if not decision.allowed and not (per_request_l7 and _l7_match(decision)):
             self._reject(identity, decision.reason)
             raise PeerRejected(decision.reason, peer=identity.uri)
         self._counters.accepted += 1
@@ -638,15 +650,23 @@ class Service:
         )
         self._emit(ServiceEvent("peer_denied", self.name, peer=identity, reason=reason))
 
-    def track_connection(self, identity: ServiceIdentity, close: Callable[[], None]) -> int:
+    def track_connection(
+        self,
+        identity: ServiceIdentity,
+        close: Callable[[], None],
+        *,
+        per_request_l7: bool = False,
+    ) -> int:
         """Register an accepted connection so a later deny (or :meth:`close`) can cut it.
 
         ``close`` must be callable from any thread. Returns a token for
-        :meth:`untrack_connection`. Integrations call this for connections they accept.
+        :meth:`untrack_connection`. Integrations call this for connections they accept;
+        ``per_request_l7`` marks connections whose requests are judged one by one (they
+        are kept while the caller's matching intention has L7 permissions).
         """
         token = id(close)
         with self._tracked_lock:
-            self._tracked[token] = _Tracked(identity, close)
+            self._tracked[token] = _Tracked(identity, close, per_request_l7)
         return token
 
     def untrack_connection(self, token: int) -> None:
@@ -666,21 +686,24 @@ class Service:
             items = list(self._tracked.items())
         for token, tracked in items:
             decision = self._authorizer.decide(tracked.identity)
-            if decision is not None and not decision.allowed:
-                log.info(
-                    "service %s closing connection from %s: %s",
-                    self.name,
-                    tracked.identity.uri,
-                    decision.reason,
+            if decision is None or decision.allowed:
+                continue
+            if tracked.per_request_l7 and _l7_match(decision):
+                continue
+            log.info(
+                "service %s closing connection from %s: %s",
+                self.name,
+                tracked.identity.uri,
+                decision.reason,
+            )
+            self._emit(
+                ServiceEvent(
+                    "peer_denied", self.name, peer=tracked.identity, reason=decision.reason
                 )
-                self._emit(
-                    ServiceEvent(
-                        "peer_denied", self.name, peer=tracked.identity, reason=decision.reason
-                    )
-                )
-                self._untrack(token)
-                with contextlib.suppress(Exception):
-                    tracked.close()
+            )
+            self._untrack(token)
+            with contextlib.suppress(Exception):
+                tracked.close()
 
     # -- accepting: asyncio -----------------------------------------------------
 
@@ -764,6 +787,21 @@ class Service:
         if self._roots is not None:
             return self._roots.trust_domain
         return ""
+
+    def resolve(
+        self, target: str | Resolver | Endpoint, *, timeout: float = 10.0
+    ) -> list[Endpoint]:
+        """Discover the instances of ``target`` (name, DNS-style name, resolver or endpoint).
+
+        Raises :class:`NoInstancesError` when none is healthy and Connect-capable.
+        """
+        return self._runtime.run(self._resolve(target), timeout=timeout)
+
+    async def resolve_async(
+        self, target: str | Resolver | Endpoint, *, timeout: float = 10.0
+    ) -> list[Endpoint]:
+        """Async form of :meth:`resolve`."""
+        return await self._runtime.run_async(self._resolve(target), timeout)
 
     async def _resolve(self, target: str | Resolver | Endpoint) -> list[Endpoint]:
         resolver = self._resolver(target)

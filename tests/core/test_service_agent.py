@@ -403,3 +403,50 @@ def test_close_leaves_no_thread_task_or_socket(agent: DevAgent) -> None:
         what="threads to end",
     )
     _wait_for(lambda: fds() <= fds_before, what="sockets to close")
+
+
+def _config_entry(agent: DevAgent, body: dict[str, Any]) -> None:
+    r = httpx.put(f"{agent.http_addr}/v1/config", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def test_l7_callers_are_admitted_only_for_per_request_judging(
+    agent: DevAgent, services: Callable[..., Service]
+) -> None:
+    web, api = services("web"), services("api")
+    web.wait_ready(15)
+    api.wait_ready(15)
+    _config_entry(agent, {"Kind": "service-defaults", "Name": "api", "Protocol": "http"})
+    _config_entry(
+        agent,
+        {
+            "Kind": "service-intentions",
+            "Name": "api",
+            "Sources": [
+                {
+                    "Name": "web",
+                    "Permissions": [
+                        {"Action": "allow", "HTTP": {"Methods": ["GET"]}},
+                        {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
+                    ],
+                }
+            ],
+        },
+    )
+
+    def l7_seen() -> bool:
+        d = api.authorizer.decide(web.identity)
+        return d is not None and d.intention is not None and d.intention.is_l7
+
+    _wait_for(l7_seen, what="the L7 intention")
+    assert api.authorize_request(web.identity, "GET", "/", []).allowed
+    assert not api.authorize_request(web.identity, "POST", "/", []).allowed
+    closed: list[str] = []
+    api.track_connection(web.identity, lambda: closed.append("l7"), per_request_l7=True)
+    api.track_connection(web.identity, lambda: closed.append("l4"))
+    # An unrelated change re-checks tracked connections: only the L4-admitted one goes.
+    _intention(agent, "db", "api", "allow")
+    _wait_for(lambda: closed == ["l4"], what="the L4-tracked connection to be cut")
+    # Turning the caller's intention into an L4 deny cuts the per-request one too.
+    _intention(agent, "web", "api", "deny")
+    _wait_for(lambda: closed == ["l4", "l7"], what="the per-request connection to be cut")
