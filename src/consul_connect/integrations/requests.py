@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
+from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
 from urllib3 import HTTPConnectionPool
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
@@ -225,8 +225,9 @@ class ConnectAdapter(HTTPAdapter):
         return _ConnectPool(
             ep.host,
             ep.port,
-            maxsize=self._pool_maxsize,
-            block=self._pool_block,
+            # Set by HTTPAdapter.__init__; the type stubs do not declare them.
+            maxsize=getattr(self, "_pool_maxsize", DEFAULT_POOLSIZE),
+            block=getattr(self, "_pool_block", DEFAULT_POOLBLOCK),
             connect_service=self._service,
             connect_endpoint=ep,
             connect_default_timeout=self._connect_timeout,
