@@ -239,6 +239,18 @@ async def test_ca_rotation_under_traffic_fails_no_request(mesh: Mesh) -> None:
 
     assert failures == []
     assert len(statuses) >= 4 * 15 and set(statuses) == {200}
-    # The last request ran on a connection made with the new material.
-    assert _server_cert(last) == _leaf_cert(mesh.api)
-    assert _server_cert(last) != old_server_cert
+    # The warm-up connection (old leaf) was retired: the last request ran on a connection
+    # dialled with the client's new material.
+    ssl_first = first.extensions["network_stream"].get_extra_info("ssl_object")
+    ssl_last = last.extensions["network_stream"].get_extra_info("ssl_object")
+    assert ssl_last is not ssl_first
+    assert all(
+        e.material is mesh.web.client_context.current  # type: ignore[attr-defined]
+        for e in transport._pools.entries.values()
+    )
+    # Fresh connections now meet the server's new leaf.
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as fresh:
+        assert _server_cert(await fresh.get("https://api.service.consul/")) == _leaf_cert(
+            mesh.api
+        )
+    assert _leaf_cert(mesh.api) != old_server_cert
