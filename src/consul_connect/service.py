@@ -337,12 +337,21 @@ class Service:
             self._on_watch_error(exc)
 
     async def _start_registration(self) -> None:
-        try:
-            await self._registration.start()
-        except AgentPermissionError as exc:
-            self._set_fatal(exc)
-        except Exception as exc:
-            self._on_watch_error(exc)
+        # An agent that is down or failing when the Service starts must not leave it
+        # unregistered for good: retry (capped, jittered) until the agent accepts it.
+        failures = 0
+        while True:
+            try:
+                await self._registration.start()
+                return
+            except AgentPermissionError as exc:
+                self._set_fatal(exc)
+                return
+            except Exception as exc:
+                self._on_watch_error(exc)
+                failures += 1
+                delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 10))
+                await asyncio.sleep(delay * (0.5 + _jitter() / 2))
 
     # -- state ----------------------------------------------------------------
 
@@ -354,9 +363,16 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        """True once this Service has a leaf verified against current roots and its
-        authorizer has the data it decides from (so it would not refuse everyone)."""
-        return self._material is not None and self._authorizer_ready()
+        """True once this Service has a leaf verified against current roots, its
+        authorizer has the data it decides from (so it would not refuse everyone), and,
+        when it registers itself, its health check has passed once (so it can be found)."""
+        return (
+            self._material is not None and self._authorizer_ready() and self._registration_ready()
+        )
+
+    def _registration_ready(self) -> bool:
+        reg = self._registration
+        return reg is None or getattr(reg, "last_status", "passing") == "passing"
 
     def _authorizer_ready(self) -> bool:
         authz = getattr(self, "_authorizer", None)
@@ -495,6 +511,7 @@ class Service:
         client = self._hub.client
         index = 0
         failures = 0
+        stale = 0
         while True:
             leaf = self._leaf
             wait = _LEAF_WAIT
@@ -529,7 +546,14 @@ class Service:
             ):
                 self._set_leaf(new_leaf)
             if time.time() >= new_leaf.valid_before.timestamp() - 1:
-                index = 0  # expired and not renewed: ask again without blocking
+                # Expired and not renewed: ask again without blocking, but back off so an
+                # agent that keeps handing out an expired leaf is not asked in a hot loop.
+                index = 0
+                stale += 1
+                delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(stale, 10))
+                await asyncio.sleep(delay * (0.5 + _jitter() / 2))
+            else:
+                stale = 0
 
     def _health_for_check(self) -> tuple[bool, str]:
         m = self._material
@@ -559,7 +583,8 @@ class Service:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._not_ready_error(timeout)
-                self._ready_changed.wait(min(remaining, 0.5))
+                # Registration and authorizer progress are not signalled: poll briefly.
+                self._ready_changed.wait(min(remaining, 0.05 if self._material else 0.5))
 
     async def wait_ready_async(self, timeout: float = 30.0) -> None:
         """Async form of :meth:`wait_ready` (does not block the event loop)."""
@@ -581,8 +606,10 @@ class Service:
             why = "no leaf certificate received from the agent yet"
         elif self._roots is None:
             why = "no CA roots received from the agent yet"
-        else:
+        elif not self._authorizer_ready():
             why = "no intention data received from the agent yet"
+        else:
+            why = "registered, but its health check has not passed yet"
         return NotReadyError(
             f"service {self.name!r} not ready after {timeout:g}s: {why}", cause=cause
         )
@@ -719,10 +746,23 @@ class Service:
         Every handshake uses the newest leaf and roots; ``handler(reader, writer)``
         runs only for peers that passed identity checks and the authorizer, before
         any byte is read. :func:`get_peer_identity(writer)` gives the caller.
+        ``ssl_handshake_timeout`` (default 10 s) bounds each handshake; failed
+        handshakes are refused, counted and reported like denied peers.
         """
         await self.wait_ready_async()
+        handshake_timeout = float(kwargs.pop("ssl_handshake_timeout", HANDSHAKE_TIMEOUT))
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # The handshake runs here, not inside asyncio's server, so that a failed one
+            # (bad certificate, garbage, a stall) is counted and logged with its reason.
+            # start_tls must be the first await: it pauses reading before any byte of the
+            # ClientHello can land in the plain-text reader.
+            try:
+                await writer.start_tls(self._server_ctx, ssl_handshake_timeout=handshake_timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError are OSErrors
+                writer.transport.abort()
+                self._reject(None, f"handshake failed: {_describe(exc)}")
+                return
             ssl_obj = writer.get_extra_info("ssl_object")
             try:
                 identity = await self.authorize_peer_async(ssl_obj)
@@ -743,23 +783,26 @@ class Service:
             finally:
                 self._untrack(token)
 
-        server = await asyncio.start_server(
-            on_connect,
-            host,
-            port,
-            ssl=self._server_ctx,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            **kwargs,
-        )
+        server = await asyncio.start_server(on_connect, host, port, **kwargs)
         self._servers.append((asyncio.get_running_loop(), server))
         return server
 
     # -- accepting: sync ----------------------------------------------------------
 
-    def listen(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 128) -> ConnectListener:
-        """Open a blocking listener whose :meth:`ConnectListener.accept` yields authorized peers."""
+    def listen(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        backlog: int = 128,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> ConnectListener:
+        """Open a blocking listener whose :meth:`ConnectListener.accept` yields authorized peers.
+
+        Each peer's TLS handshake must finish within ``handshake_timeout`` seconds.
+        """
         self.wait_ready()
-        listener = ConnectListener(self, host, port, backlog)
+        listener = ConnectListener(self, host, port, backlog, handshake_timeout)
         self._listeners.append(listener)
         return listener
 
@@ -805,6 +848,12 @@ class Service:
 
     async def _resolve(self, target: str | Resolver | Endpoint) -> list[Endpoint]:
         resolver = self._resolver(target)
+        if isinstance(target, str):
+            # A name dialled once is likely dialled again: keep its instances watched and
+            # cached (stopped by close()) instead of asking the agent on every dial.
+            starter = getattr(resolver, "start", None)
+            if starter is not None:
+                await starter()
         endpoints = await resolver.resolve()
         if not endpoints:
             raise NoInstancesError(f"no healthy Connect-capable instance of {_name(target)}")
