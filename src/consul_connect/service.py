@@ -34,6 +34,7 @@ from consul_connect.certs import Leaf, RootSet
 from consul_connect.discovery import Endpoint, Resolver, StaticResolver, resolver_for_name
 from consul_connect.errors import (
     AgentError,
+    AgentNotFoundError,
     AgentPermissionError,
     AgentUnavailableError,
     CertificateError,
@@ -292,7 +293,8 @@ class Service:
         self._hub = hub
         client = hub.client
         if authorizer == "intentions":
-            self._authorizer = IntentionAuthorizer(client, self.name)
+            # Intention-watch trouble reaches statistics() and the watch_error hook too.
+            self._authorizer = IntentionAuthorizer(client, self.name, on_error=self._on_watch_error)
         elif authorizer == "agent":
             self._authorizer = AgentAuthorizer(client, self.name)
         elif isinstance(authorizer, str):
@@ -598,6 +600,8 @@ class Service:
             why = f"the Consul agent is unreachable or failing ({cause})"
         elif isinstance(cause, AgentPermissionError):
             why = f"the ACL token lacks service:write on {self.name!r} ({cause})"
+        elif isinstance(cause, AgentNotFoundError):
+            why = f"the agent does not know service {self.name!r} ({cause})"
         elif isinstance(cause, CertificateError):
             why = f"the agent's certificates do not verify ({cause})"
         elif cause is not None:
