@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import socket
 import ssl
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -1061,8 +1063,11 @@ class Service:
 class ConnectListener:
     """A blocking Connect mTLS listener; :meth:`accept` returns only authorized peers.
 
-    Refused peers (bad certificate, bad identity, denied) are closed, counted and
-    skipped; each handshake is bounded by ``handshake_timeout``.
+    A background thread accepts TCP connections and a small pool of workers runs
+    each handshake (bounded by ``handshake_timeout``) and the authorization, so a
+    slow or silent client cannot hold up the others. Refused peers (bad
+    certificate, bad identity, denied) are closed, counted and never returned.
+    At most ``backlog`` authorized connections wait for :meth:`accept`.
     """
 
     def __init__(
@@ -1072,6 +1077,7 @@ class ConnectListener:
         port: int,
         backlog: int,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        handshake_workers: int = 4,
     ) -> None:
         self._service = service
         self._handshake_timeout = handshake_timeout
@@ -1085,6 +1091,16 @@ class ConnectListener:
             self._sock.close()
             raise
         self._closed = False
+        self._ready: queue.Queue[tuple[ssl.SSLSocket, ServiceIdentity]] = queue.Queue(
+            maxsize=max(1, backlog)
+        )
+        self._workers = ThreadPoolExecutor(
+            max_workers=max(1, handshake_workers), thread_name_prefix="consul-connect-handshake"
+        )
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="consul-connect-accept", daemon=True
+        )
+        self._acceptor.start()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -1093,31 +1109,57 @@ class ConnectListener:
         return str(host), int(port)
 
     def fileno(self) -> int:
-        """The listening socket's file descriptor (for ``select``)."""
+        """The listening socket's file descriptor."""
         return self._sock.fileno()
 
     def accept(self, timeout: float | None = None) -> tuple[ssl.SSLSocket, ServiceIdentity]:
         """Wait for the next authorized peer; return its socket and identity.
 
-        ``timeout`` bounds the whole wait (``TimeoutError``); closing the listener
-        from another thread ends the wait with ``OSError``.
+        ``timeout`` bounds the wait (``TimeoutError``); a closed listener raises
+        ``OSError``, also for a wait in progress when another thread closes it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self._closed:
+                raise OSError("the listener is closed")
+            step = 0.2
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("no authorized peer connected in time")
-                self._sock.settimeout(remaining)
-            else:
-                self._sock.settimeout(None)
+                step = min(step, remaining)
+            try:
+                return self._ready.get(timeout=step)
+            except queue.Empty:
+                continue
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
             try:
                 raw, _addr = self._sock.accept()
-            except TimeoutError:
-                raise TimeoutError("no authorized peer connected in time") from None
-            got = self._handshake(raw)
-            if got is not None:
-                return got
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            try:
+                self._workers.submit(self._handshake_and_queue, raw)
+            except RuntimeError:  # the pool is shutting down
+                raw.close()
+                return
+
+    def _handshake_and_queue(self, raw: socket.socket) -> None:
+        got = self._handshake(raw)
+        if got is None:
+            return
+        while not self._closed:
+            try:
+                self._ready.put(got, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        with contextlib.suppress(OSError):
+            got[0].close()
 
     def _handshake(self, raw: socket.socket) -> tuple[ssl.SSLSocket, ServiceIdentity] | None:
         svc = self._service
@@ -1134,24 +1176,48 @@ class ConnectListener:
             with contextlib.suppress(OSError):
                 sock.close()
             return None
+        except Exception:
+            log.exception("service %s: authorizing a connection failed", svc.name)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return None
         sock.settimeout(None)
         _peer_identities[sock] = identity
+        ref = weakref.ref(sock)
 
         def close() -> None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            peer = ref()
+            if peer is not None:
+                with contextlib.suppress(OSError):
+                    peer.shutdown(socket.SHUT_RDWR)
 
-        svc._track(identity, close)
+        token = svc.track_connection(identity, close)
+        # Forget the connection once the application drops its socket.
+        weakref.finalize(sock, svc.untrack_connection, token)
         return sock, identity
 
     def close(self) -> None:
-        """Stop listening (connections already accepted stay open)."""
+        """Stop listening and end the accept thread and handshake workers.
+
+        Connections already returned by :meth:`accept` stay open; authorized ones not
+        yet accepted are closed.
+        """
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        if threading.current_thread() is not self._acceptor:
+            self._acceptor.join(_CLOSE_TIMEOUT)
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        while True:
+            try:
+                sock, _ = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(OSError):
+                sock.close()
         with contextlib.suppress(ValueError):
             self._service._listeners.remove(self)
 

@@ -207,3 +207,50 @@ def test_close_leaves_no_thread_behind(ca: TestCA) -> None:
     assert "consul-connect-runtime" not in after - before
     with pytest.raises(OSError):
         listener.accept(timeout=0.1)
+
+
+def test_a_silent_client_does_not_hold_up_the_sync_listener(
+    pair: tuple[Service, Service],
+) -> None:
+    web, api = pair
+    with api.listen(handshake_timeout=30) as listener:
+        host, port = listener.address
+        silent = socket.create_connection((host, port))  # connects, never speaks TLS
+        try:
+            accepted: list[str] = []
+
+            def serve() -> None:
+                sock, identity = listener.accept(timeout=10)
+                accepted.append(identity.service)
+                sock.close()
+
+            t = threading.Thread(target=serve)
+            t.start()
+            started = time.monotonic()
+            with web.connect(Endpoint(host, port, api.identity), timeout=5):
+                pass
+            t.join(10)
+            assert accepted == ["web"]
+            assert time.monotonic() - started < 5  # far below the 30 s handshake deadline
+        finally:
+            silent.close()
+
+
+def test_closing_a_listener_ends_its_threads(ca: TestCA) -> None:
+    svc = Service.from_test_ca(ca, "solo2", authorizer=AllowTrustDomain(ca.trust_domain))
+    try:
+        listener = svc.listen()
+        names = {t.name for t in threading.enumerate()}
+        assert "consul-connect-accept" in names
+        listener.close()
+        deadline = time.monotonic() + 10
+        while any(
+            t.name == "consul-connect-accept" or t.name.startswith("consul-connect-handshake")
+            for t in threading.enumerate()
+        ):
+            assert time.monotonic() < deadline, "listener threads still running"
+            time.sleep(0.02)
+        with pytest.raises(OSError):
+            listener.accept(timeout=0.1)
+    finally:
+        svc.close()
