@@ -21,6 +21,13 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _NOT_FOUND = "Invalid URL path: not a recognized HTTP API endpoint\n"
+_NOT_API = (
+    "Invalid URL path: if attempting to use the HTTP API, ensure the path starts with '/v1/'\n"
+)
+_INDEX = (
+    "Consul Agent: UI disabled. To enable, set ui_config.enabled=true in the agent "
+    "configuration and restart."
+)
 _MAX_BODY = 32 * 1024 * 1024
 
 
@@ -73,7 +80,8 @@ class DevAgentApp:
         except Exception as exc:  # a handler bug must not kill the agent nor leak a trace
             log.exception("internal error on %s %s", method, path)
             resp = Response(500, str(exc).encode(), {}, "text/plain; charset=utf-8")
-        if path.startswith("/v1/"):
+        if self.router.resolve(path) is not None:
+            # Only routed (wrapped) handlers send it; Consul's index/404 handler does not.
             resp.headers.setdefault("X-Consul-Default-ACL-Policy", self.ctx.acl.default_policy)
         return resp
 
@@ -82,7 +90,11 @@ class DevAgentApp:
     ) -> Response:
         found = self.router.resolve(path)
         if found is None:
-            raise HTTPError(404, _NOT_FOUND)
+            # Consul's catch-all index handler: the agent banner at "/", else a 404 that
+            # tells API paths from others.
+            if path == "/":
+                return Response(200, _INDEX.encode(), {}, "text/plain; charset=utf-8")
+            raise HTTPError(404, _NOT_FOUND if "/v1/" in path else _NOT_API)
         route, suffix = found
         # Consul lists the methods in registration order, OPTIONS last.
         allow = ",".join([*route.methods, "OPTIONS"])
@@ -99,6 +111,8 @@ class DevAgentApp:
         if resp.content_type:
             headers.append((b"content-type", resp.content_type.encode()))
         headers.append((b"vary", b"Accept-Encoding"))
+        # The whole body is known: say so rather than answer chunked.
+        headers.append((b"content-length", str(len(resp.body)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
 

@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consul_connect._goduration import format_duration, parse_duration
 from consul_connect.certs import colon_hex, format_rfc3339, key_id, serial_to_colon_hex
+from consul_connect.devagent.http import mapstructure_kind
 from consul_connect.devagent.state import Store
 from consul_connect.errors import ConfigError
 from consul_connect.identity import ServiceIdentity
@@ -138,7 +139,7 @@ def _decode_duration(name: str, value: Any) -> float:
         return float(int(value)) / 1e9
     raise ValueError(
         f"'{name}' expected type 'time.Duration', got unconvertible type "
-        f"'{_go_type(value)}', value: '{value}'"
+        f"'{mapstructure_kind(value)}', value: '{value}'"
     )
 
 
@@ -158,7 +159,7 @@ def _decode_int(name: str, value: Any) -> int:
             )
         return int(text)
     raise ValueError(
-        f"'{name}' expected type 'int', got unconvertible type '{_go_type(value)}', "
+        f"'{name}' expected type 'int', got unconvertible type '{mapstructure_kind(value)}', "
         f"value: '{value}'"
     )
 
@@ -177,7 +178,7 @@ def _decode_float(name: str, value: Any) -> float:
                 f'"{value}": invalid syntax'
             ) from None
     raise ValueError(
-        f"'{name}' expected type 'float32', got unconvertible type '{_go_type(value)}', "
+        f"'{name}' expected type 'float32', got unconvertible type '{mapstructure_kind(value)}', "
         f"value: '{value}'"
     )
 
@@ -192,7 +193,7 @@ def _decode_string(name: str, value: Any) -> str:
     if isinstance(value, float):
         return repr(value) if not value.is_integer() else str(int(value))
     raise ValueError(
-        f"'{name}' expected type 'string', got unconvertible type '{_go_type(value)}', "
+        f"'{name}' expected type 'string', got unconvertible type '{mapstructure_kind(value)}', "
         f"value: '{value}'"
     )
 
@@ -209,27 +210,12 @@ def _decode_bool(name: str, value: Any) -> bool:
         if low in ("", "0", "f", "false"):
             return False
         raise ValueError(
-            f"cannot parse '{name}' as bool: strconv.ParseBool: parsing "
-            f'"{value}": invalid syntax'
+            f"cannot parse '{name}' as bool: strconv.ParseBool: parsing \"{value}\": invalid syntax"
         )
     raise ValueError(
-        f"'{name}' expected type 'bool', got unconvertible type '{_go_type(value)}', "
+        f"'{name}' expected type 'bool', got unconvertible type '{mapstructure_kind(value)}', "
         f"value: '{value}'"
     )
-
-
-def _go_type(value: Any) -> str:
-    if isinstance(value, list):
-        return "[]interface {}"
-    if isinstance(value, dict):
-        return "map[string]interface {}"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "float64"
-    return "interface {}"
 
 
 _FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from consul_connect._goduration import format_duration, parse_duration
 from consul_connect.devagent.bexpr import MAP, BexprError, Filter, Schema, compile_filter
 from consul_connect.devagent.context import CONSUL_VERSION
-from consul_connect.devagent.http import HTTPError, get_ci
+from consul_connect.devagent.http import HTTPError, get_ci, go_json_kind
 
 if TYPE_CHECKING:
     from consul_connect.devagent.context import AgentContext
@@ -102,22 +102,10 @@ def key(node: str, ident: str) -> str:
 # -- decoding helpers (Go encoding/json semantics, Consul's texts) ---------------------------
 
 
-def _json_type(v: Any) -> str:
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, (int, float)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    return "object"
-
-
 def _decode_error(v: Any, where: str, gotype: str) -> HTTPError:
     return HTTPError(
         400,
-        f"Request decode failed: json: cannot unmarshal {_json_type(v)} into Go struct field "
+        f"Request decode failed: json: cannot unmarshal {go_json_kind(v)} into Go struct field "
         f"{where} of type {gotype}",
     )
 
@@ -156,9 +144,10 @@ def _strlist(obj: Mapping[str, Any], where: str, *names: str) -> list[str]:
     if not isinstance(v, list):
         raise _decode_error(v, where, "[]string")
     for item in v:
-        if not isinstance(item, str):
+        if item is not None and not isinstance(item, str):
             raise _decode_error(item, where, "string")
-    return list(v)
+    # A JSON null element decodes to Go's zero value.
+    return ["" if item is None else item for item in v]
 
 
 def _strmap(obj: Mapping[str, Any], where: str, *names: str) -> dict[str, str]:
@@ -168,9 +157,9 @@ def _strmap(obj: Mapping[str, Any], where: str, *names: str) -> dict[str, str]:
     if not isinstance(v, dict):
         raise _decode_error(v, where, "map[string]string")
     for item in v.values():
-        if not isinstance(item, str):
+        if item is not None and not isinstance(item, str):
             raise _decode_error(item, where, "string")
-    return dict(v)
+    return {k: "" if item is None else item for k, item in v.items()}
 
 
 def _obj(obj: Mapping[str, Any], where: str, gotype: str, *names: str) -> dict[str, Any] | None:
@@ -502,7 +491,7 @@ def parse_service_def(raw: Any, where: str = "ServiceDefinition") -> ServiceDef:
         raise HTTPError(
             400,
             "Request decode failed: json: cannot unmarshal "
-            f"{_json_type(raw)} into Go value of type structs.ServiceDefinition",
+            f"{go_json_kind(raw)} into Go value of type structs.ServiceDefinition",
         )
     weights_raw = _obj(raw, f"{where}.Weights", "structs.Weights", "Weights")
     weights = None

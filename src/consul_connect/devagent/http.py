@@ -32,9 +32,13 @@ __all__ = [
     "Route",
     "Router",
     "blocking_query",
+    "cache_headers",
     "decode_json_body",
     "get_ci",
+    "go_json_kind",
     "json_response",
+    "mapstructure_kind",
+    "query_meta",
     "query_response",
 ]
 
@@ -255,9 +259,27 @@ def decode_json_body(body: bytes, prefix: str) -> Any:
     if not body.strip():
         raise HTTPError(400, f"{prefix}: EOF")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError(400, f"{prefix}: {_go_json_error(exc)}") from None
+    # Go's decoder leaves its target untouched for a JSON null: the handler then
+    # sees an empty request, exactly as for ``{}``.
+    return {} if value is None else value
+
+
+def go_json_kind(value: object) -> str:
+    """How Go's ``json: cannot unmarshal <kind> into ...`` names a decoded JSON value."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
 
 
 def _go_json_error(exc: Exception) -> str:
@@ -267,6 +289,21 @@ def _go_json_error(exc: Exception) -> str:
         ch = exc.doc[exc.pos] if exc.pos < len(exc.doc) else ""
         return f"invalid character {ch!r} looking for beginning of value"
     return str(exc)
+
+
+def mapstructure_kind(value: object) -> str:
+    """How mapstructure's ``got unconvertible type '<kind>'`` names a decoded JSON value."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "[]interface {}"
+    if isinstance(value, dict):
+        return "map[string]interface {}"
+    return "<nil>"
 
 
 def get_ci(obj: Mapping[str, Any], *names: str, default: Any = None) -> Any:
@@ -282,25 +319,71 @@ def get_ci(obj: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+def query_meta(
+    req: Request, index: int, *, consistency: bool = False, backend: str = "blocking-query"
+) -> dict[str, str]:
+    """The headers Consul's ``setMeta`` writes for a raft-backed read.
+
+    ``X-Consul-Index`` (never 0), ``X-Consul-LastContact``, ``X-Consul-KnownLeader``
+    and ``X-Consul-Query-Backend`` always; ``X-Consul-Effective-Consistency`` only
+    when ``consistency`` is set, as only some Consul handlers (catalog, health,
+    intention match, prepared queries) record the consistency level they used.
+    """
+    headers = {
+        "X-Consul-Index": str(max(index, 1)),
+        "X-Consul-KnownLeader": "true",
+        "X-Consul-LastContact": "0",
+    }
+    if consistency:
+        headers["X-Consul-Effective-Consistency"] = req.options.consistency
+    headers["X-Consul-Query-Backend"] = backend
+    return headers
+
+
 def query_response(
     req: Request,
     data: Any,
     index: int,
     *,
     extra_headers: Mapping[str, str] | None = None,
-    consistency: bool = True,
-    leader_headers: bool = True,
+    consistency: bool = False,
+    backend: str = "blocking-query",
 ) -> Response:
-    """A JSON answer of a raft-backed read with Consul's query-meta headers."""
-    headers: dict[str, str] = {"X-Consul-Index": str(max(index, 1))}
-    if leader_headers:
-        headers["X-Consul-KnownLeader"] = "true"
-        headers["X-Consul-LastContact"] = "0"
-    if consistency:
-        headers["X-Consul-Effective-Consistency"] = req.options.consistency
+    """A JSON answer of a raft-backed read with the headers of :func:`query_meta`."""
+    headers = query_meta(req, index, consistency=consistency, backend=backend)
     if extra_headers:
         headers.update(extra_headers)
     return json_response(data, headers=headers)
+
+
+def cache_headers(req: Request, index: int) -> dict[str, str]:
+    """``X-Cache`` (and ``Age`` on a hit) for a read served through the agent cache.
+
+    The first request for a given path and query (minus ``index``/``wait``) is a
+    ``MISS``; later ones are ``HIT``s, as the agent cache keeps the entry fresh
+    with background blocking queries. ``Age`` counts from the last time the
+    entry's data changed (or from the first fetch).
+    """
+    import time
+
+    skip = {"index", "wait", "hash", "token"}
+    key = (
+        req.path
+        + "?"
+        + "&".join(f"{k}={v}" for k in sorted(req.query) if k not in skip for v in req.query[k])
+    )
+    entries: dict[str, tuple[int, float]] = req.ctx.extensions.setdefault(_CACHE_KEY, {})
+    now = time.monotonic()
+    seen = entries.get(key)
+    if seen is None:
+        entries[key] = (index, now)
+        return {"X-Cache": "MISS"}
+    if seen[0] != index:
+        seen = entries[key] = (index, now)
+    return {"X-Cache": "HIT", "Age": str(round(now - seen[1]))}
+
+
+_CACHE_KEY = "http.agent-cache"
 
 
 def block_timeout(wait: float, default: float = DEFAULT_QUERY_TIME) -> float:

@@ -39,6 +39,7 @@ from consul_connect.devagent.http import (
     blocking_query,
     decode_json_body,
     get_ci,
+    go_json_kind,
     json_response,
     query_response,
 )
@@ -62,25 +63,12 @@ def _enabled(handler: Handler) -> Handler:
     return wrapped
 
 
-def _go_kind(value: object) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
-
-
 def _body(req: Request, prefix: str, go_type: str) -> dict[str, Any]:
     raw = decode_json_body(req.body, prefix)
     if not isinstance(raw, dict):
         raise HTTPError(
-            400, f"{prefix}: json: cannot unmarshal {_go_kind(raw)} into Go value of type {go_type}"
+            400,
+            f"{prefix}: json: cannot unmarshal {go_json_kind(raw)} into Go value of type {go_type}",
         )
     return raw
 
@@ -94,7 +82,7 @@ def _typed(
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise HTTPError(
             400,
-            f"{prefix}: json: cannot unmarshal {_go_kind(value)} into Go struct field "
+            f"{prefix}: json: cannot unmarshal {go_json_kind(value)} into Go struct field "
             f"{go}.{key} of type {_go_type_name(kind)}",
         )
     return value
@@ -130,7 +118,7 @@ def _policy_links(raw: Any, system: ACLSystem, prefix: str) -> list[dict[str, st
     if not isinstance(raw, list):
         raise HTTPError(
             400,
-            f"{prefix}: json: cannot unmarshal {_go_kind(raw)} into Go struct field "
+            f"{prefix}: json: cannot unmarshal {go_json_kind(raw)} into Go struct field "
             "ACLToken.Policies of type []structs.ACLTokenPolicyLink",
         )
     out: list[dict[str, str]] = []
@@ -139,7 +127,7 @@ def _policy_links(raw: Any, system: ACLSystem, prefix: str) -> list[dict[str, st
         if not isinstance(link, dict):
             raise HTTPError(
                 400,
-                f"{prefix}: json: cannot unmarshal {_go_kind(link)} into Go "
+                f"{prefix}: json: cannot unmarshal {go_json_kind(link)} into Go "
                 "struct field ACLToken.Policies of type structs.ACLTokenPolicyLink",
             )
         pid = get_ci(link, "ID") or ""
@@ -246,7 +234,7 @@ def _parse_ttl(raw: Any, prefix: str) -> float:
             raise HTTPError(400, f"{prefix}: {exc}") from None
     raise HTTPError(
         400,
-        f"{prefix}: json: cannot unmarshal {_go_kind(raw)} into Go struct "
+        f"{prefix}: json: cannot unmarshal {go_json_kind(raw)} into Go struct "
         "field ACLToken.ExpirationTTL of type time.Duration",
     )
 

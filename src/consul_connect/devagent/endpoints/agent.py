@@ -41,6 +41,7 @@ from consul_connect.devagent.http import (
     Router,
     block_timeout,
     get_ci,
+    go_json_kind,
     json_response,
 )
 
@@ -346,8 +347,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         if not isinstance(body, dict):
             raise HTTPError(
                 400,
-                "Request decode failed: json: cannot unmarshal "
-                f"{'array' if isinstance(body, list) else 'string'} "
+                f"Request decode failed: json: cannot unmarshal {go_json_kind(body)} "
                 "into Go value of type structs.CheckDefinition",
             )
         cd = parse_check_def(body, "CheckDefinition")
@@ -420,7 +420,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         if not isinstance(body, dict):
             raise HTTPError(
                 400,
-                "Request decode failed: json: cannot unmarshal array "
+                f"Request decode failed: json: cannot unmarshal {go_json_kind(body)} "
                 "into Go value of type agent.checkUpdate",
             )
         status = get_ci(body, "Status")
@@ -430,7 +430,7 @@ def register(router: Router, ctx: AgentContext) -> None:
                 raise HTTPError(
                     400,
                     "Request decode failed: json: cannot unmarshal "
-                    f"{'number' if isinstance(v, (int, float)) else 'object'} into Go struct field "
+                    f"{go_json_kind(v)} into Go struct field "
                     f"checkUpdate.{name} of type string",
                 )
         status = status or ""

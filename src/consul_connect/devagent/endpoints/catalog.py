@@ -46,7 +46,9 @@ from consul_connect.devagent.http import (
     Response,
     Router,
     blocking_query,
+    cache_headers,
     get_ci,
+    go_json_kind,
     json_response,
     query_response,
 )
@@ -70,6 +72,24 @@ def parse_bool_param(req: Request, name: str) -> bool | None:
     if raw in _FALSE:
         return False
     return None
+
+
+def _answer(
+    req: Request,
+    data: Any,
+    index: int,
+    headers: dict[str, str],
+    *,
+    cacheable: bool = False,
+    backend: str = "blocking-query",
+) -> Response:
+    """A catalog/health read: query meta with the consistency level (these handlers record it),
+    plus ``X-Cache`` for ``?cached`` reads of endpoints the agent cache serves."""
+    if cacheable and req.options.cached:
+        headers = {**headers, **cache_headers(req, index)}
+    return query_response(
+        req, data, index, extra_headers=headers, consistency=True, backend=backend
+    )
 
 
 def _reads_common(req: Request) -> None:
@@ -117,7 +137,16 @@ def register(router: Router, ctx: AgentContext) -> None:
         _reads_common(req)
         run = health_nodes(req, connect)
         idx, (entries, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, entries, idx, extra_headers=filtered_header(req, dropped))
+        # With use_streaming_backend (on by default) Consul serves blocking health reads
+        # from a materialized view through the agent cache; other reads go over RPC,
+        # through the cache only with ?cached.
+        streaming = req.options.blocking and not req.has("near")
+        headers = filtered_header(req, dropped)
+        if streaming or req.options.cached:
+            headers.update(cache_headers(req, idx))
+        return _answer(
+            req, entries, idx, headers, backend="streaming" if streaming else "blocking-query"
+        )
 
     @router.route("/v1/health/service/", "GET")
     async def health_service(req: Request) -> Response:
@@ -136,7 +165,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         if parse_bool_param(req, "passing") is None:
             raise HTTPError(400, "Invalid value for ?passing")
         idx, _ = await blocking_query(req, _TABLES, lambda: (store.max_index(T_SERVICES), None))
-        return query_response(req, [], idx)
+        return _answer(req, [], idx, {})
 
     def checks_answer(req: Request, pick: Any, index_of: Any) -> Any:
         flt = compile_request_filter(req, CHECK_SCHEMA)
@@ -176,7 +205,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             lambda: health_index(st, name, False),
         )
         idx, (out, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped))
 
     @router.route("/v1/health/node/", "GET")
     async def health_node(req: Request) -> Response:
@@ -189,7 +218,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             req, lambda c: c["Node"].lower() == lname, lambda: store.max_index(T_CHECKS)
         )
         idx, (out, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped))
 
     @router.route("/v1/health/state/", "GET")
     async def health_state(req: Request) -> Response:
@@ -201,7 +230,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             req, lambda c: state == "any" or c["Status"] == state, lambda: store.max_index(T_CHECKS)
         )
         idx, (out, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped))
 
     # -- catalog reads ----------------------------------------------------------------------------
 
@@ -228,7 +257,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             return store.max_index(T_NODES), (out, dropped)
 
         idx, (out, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped))
 
     @router.route("/v1/catalog/services", "GET")
     async def services(req: Request) -> Response:
@@ -259,7 +288,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             return store.max_index(T_SERVICES), (result, dropped)
 
         idx, (out, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped), cacheable=True)
 
     async def catalog_service_like(req: Request, connect: bool) -> Response:
         _reads_common(req)
@@ -283,7 +312,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             return idx, (out, dropped)
 
         idx, (out, dropped) = await blocking_query(req, _TABLES, run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped), cacheable=True)
 
     @router.route("/v1/catalog/service/", "GET")
     async def catalog_service(req: Request) -> Response:
@@ -323,13 +352,13 @@ def register(router: Router, ctx: AgentContext) -> None:
     async def catalog_node(req: Request) -> Response:
         _reads_common(req)
         idx, (out, dropped) = await blocking_query(req, _TABLES, node_services(req, False))
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped))
 
     @router.route("/v1/catalog/node-services/", "GET")
     async def catalog_node_services(req: Request) -> Response:
         _reads_common(req)
         idx, (out, dropped) = await blocking_query(req, _TABLES, node_services(req, True))
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return _answer(req, out, idx, filtered_header(req, dropped))
 
     # -- catalog writes --------------------------------------------------------------------------
 
@@ -341,8 +370,8 @@ def register(router: Router, ctx: AgentContext) -> None:
         if not isinstance(body, dict):
             raise HTTPError(
                 400,
-                "Request decode failed: json: cannot unmarshal array into Go value of type "
-                "structs.RegisterRequest",
+                f"Request decode failed: json: cannot unmarshal {go_json_kind(body)} into Go "
+                "value of type structs.RegisterRequest",
             )
         authz = req.authz
         node_name = get_ci(body, "Node")
@@ -451,8 +480,8 @@ def register(router: Router, ctx: AgentContext) -> None:
         if not isinstance(body, dict):
             raise HTTPError(
                 400,
-                "Request decode failed: json: cannot unmarshal array into Go value of type "
-                "structs.DeregisterRequest",
+                f"Request decode failed: json: cannot unmarshal {go_json_kind(body)} into Go "
+                "value of type structs.DeregisterRequest",
             )
         authz = req.authz
         node_name = get_ci(body, "Node")

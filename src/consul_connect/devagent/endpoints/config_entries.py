@@ -34,7 +34,10 @@ from consul_connect.devagent.http import (
     blocking_query,
     decode_json_body,
     get_ci,
+    go_json_kind,
     json_response,
+    mapstructure_kind,
+    query_meta,
     query_response,
 )
 
@@ -235,25 +238,11 @@ def apply_intentions_entry(
 # Kind-specific decoding, normalization and ACLs
 
 
-def _go_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "float64"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "[]interface {}"
-    if isinstance(value, dict):
-        return "map[string]interface {}"
-    return "<nil>"
-
-
 def _decode_error(field: str, want: str, value: object) -> HTTPError:
     return HTTPError(
         400,
         "Request decoding failed: 1 error(s) decoding:\n\n"
-        f"* '{field}' expected type '{want}', got unconvertible type '{_go_type(value)}', "
+        f"* '{field}' expected type '{want}', got unconvertible type '{mapstructure_kind(value)}', "
         f"value: '{value}'",
     )
 
@@ -422,7 +411,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             raise HTTPError(
                 400,
                 "Request decoding failed: json: cannot unmarshal "
-                f"{_go_type(raw)} into Go value of type map[string]interface {{}}",
+                f"{go_json_kind(raw)} into Go value of type map[string]interface {{}}",
             )
         kind = get_ci(raw, "Kind")
         if not isinstance(kind, str) or not kind:
@@ -490,7 +479,12 @@ def register(router: Router, ctx: AgentContext) -> None:
 
         index, entry = await blocking_query(req, [CONFIG_TABLE], run)
         if entry is None:
-            raise HTTPError(404, f"Config entry not found for {go_quote(kind)} / {go_quote(name)}")
+            # Consul sets the query meta before answering the 404.
+            raise HTTPError(
+                404,
+                f"Config entry not found for {go_quote(kind)} / {go_quote(name)}",
+                query_meta(req, index),
+            )
         return query_response(req, entry, index)
 
     async def _list(req: Request, kind: str) -> Response:

@@ -40,7 +40,9 @@ from consul_connect.devagent.http import (
     block_timeout,
     blocking_query,
     get_ci,
+    go_json_kind,
     json_response,
+    query_meta,
     query_response,
 )
 from consul_connect.errors import ConfigError
@@ -183,12 +185,8 @@ class ConnectCAExtension:
 
 
 def _roots_meta(req: Request, index: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    headers = {
-        "X-Consul-Index": str(max(index, 1)),
-        "X-Consul-KnownLeader": "true",
-        "X-Consul-LastContact": "0",
-        "X-Consul-Effective-Consistency": req.options.consistency,
-    }
+    # The roots handlers call setMeta without recording a consistency level.
+    headers = query_meta(req, index)
     headers.update(extra or {})
     return headers
 
@@ -202,25 +200,13 @@ def _parse_go_bool(text: str) -> bool | None:
     return None
 
 
-def _go_json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
 def _decode_ca_config(body: Any) -> tuple[str, dict[str, Any] | None, Any, bool]:
     """``(Provider, Config, State, ForceWithoutCrossSigning)`` of a PUT body, or a 400."""
 
     def bad(what: str, value: Any, field: str, go_type: str) -> HTTPError:
         return HTTPError(
             400,
-            f"Request decode failed: json: cannot unmarshal {_go_json_type(value)} into Go "
+            f"Request decode failed: json: cannot unmarshal {go_json_kind(value)} into Go "
             f"struct field CAConfiguration.{field} of type {go_type}",
         )
 
@@ -229,7 +215,7 @@ def _decode_ca_config(body: Any) -> tuple[str, dict[str, Any] | None, Any, bool]
     if not isinstance(body, dict):
         raise HTTPError(
             400,
-            f"Request decode failed: json: cannot unmarshal {_go_json_type(body)} into Go "
+            f"Request decode failed: json: cannot unmarshal {go_json_kind(body)} into Go "
             "value of type structs.CAConfiguration",
         )
     provider = get_ci(body, "Provider")

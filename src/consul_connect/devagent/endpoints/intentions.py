@@ -43,8 +43,10 @@ from consul_connect.devagent.http import (
     Response,
     Router,
     blocking_query,
+    cache_headers,
     decode_json_body,
     get_ci,
+    go_json_kind,
     json_response,
     query_response,
 )
@@ -236,7 +238,7 @@ def _decode_intention(req: Request, prefix: str, status: int) -> Intention:
     except HTTPError as exc:
         raise HTTPError(status, exc.text) from None
     if not isinstance(raw, dict):
-        kind = "array" if isinstance(raw, list) else type(raw).__name__
+        kind = go_json_kind(raw)
         raise HTTPError(
             status,
             f"{prefix}: json: cannot unmarshal {kind} into Go value of type structs.Intention",
@@ -556,7 +558,9 @@ def register(router: Router, ctx: AgentContext) -> None:
             return ctx.store.max_index(CONFIG_TABLE), dict(sorted(result.items()))
 
         index, result = await blocking_query(req, [CONFIG_TABLE], run)
-        return query_response(req, result, index)
+        # Only the match handler records its consistency level; ?cached goes through the cache.
+        extra = cache_headers(req, index) if req.options.cached else None
+        return query_response(req, result, index, extra_headers=extra, consistency=True)
 
     @router.route("/v1/connect/intentions/check", "GET")
     async def check(req: Request) -> Response:
@@ -600,7 +604,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         req.reject_enterprise_tenancy()
         raw = req.json()
         if not isinstance(raw, dict):
-            kind = "array" if isinstance(raw, list) else _json_kind(raw)
+            kind = go_json_kind(raw)
             raise HTTPError(
                 400,
                 "Request decode failed: json: cannot unmarshal "
@@ -613,7 +617,7 @@ def register(router: Router, ctx: AgentContext) -> None:
                 raise HTTPError(
                     400,
                     "Request decode failed: json: cannot unmarshal "
-                    f"{_json_kind(value)} into Go struct field "
+                    f"{go_json_kind(value)} into Go struct field "
                     f"ConnectAuthorizeRequest.{key} of type string",
                 )
             fields[key] = value or ""
@@ -646,20 +650,6 @@ def _same_source(a: SourceIntention, b: SourceIntention) -> bool:
         b.namespace or _DEFAULT_NS,
         b.name,
     )
-
-
-def _json_kind(value: object) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
 
 
 def _cache_headers(ctx: AgentContext, target: str) -> dict[str, str]:

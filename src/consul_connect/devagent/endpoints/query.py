@@ -31,7 +31,9 @@ from consul_connect.devagent.http import (
     Response,
     Router,
     blocking_query,
+    cache_headers,
     get_ci,
+    go_json_kind,
     json_response,
     query_response,
 )
@@ -105,8 +107,8 @@ def parse_query(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise HTTPError(
             400,
-            "Request decode failed: json: cannot unmarshal array into Go value of type "
-            "structs.PreparedQuery",
+            f"Request decode failed: json: cannot unmarshal {go_json_kind(raw)} into Go "
+            "value of type structs.PreparedQuery",
         )
     svc = _o(raw, "PreparedQuery.Service", "Service")
     failover = _o(svc, "ServiceQuery.Failover", "Failover")
@@ -328,7 +330,9 @@ def register(router: Router, ctx: AgentContext) -> None:
             return store.max_index(T_QUERIES), (kept, len(kept) != len(all_q))
 
         idx, (out, dropped) = await blocking_query(req, [T_QUERIES], run)
-        return query_response(req, out, idx, extra_headers=filtered_header(req, dropped))
+        return query_response(
+            req, out, idx, extra_headers=filtered_header(req, dropped), consistency=True
+        )
 
     # -- /v1/query/<id>[/execute|/explain] ---------------------------------------------------------
 
@@ -361,7 +365,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             return store.max_index(T_QUERIES), [present(req, q)]
 
         idx, out = await blocking_query(req, [T_QUERIES], run)
-        return query_response(req, out, idx)
+        return query_response(req, out, idx, consistency=True)
 
     def update(req: Request, qid: str) -> Response:
         req.check_datacenter()
@@ -507,7 +511,10 @@ def register(router: Router, ctx: AgentContext) -> None:
             "Failovers": 0,
             **meta(opts.consistency, index),
         }
-        return query_response(req, body, index, extra_headers=filtered_header(req, dropped))
+        headers = filtered_header(req, dropped)
+        if opts.cached:
+            headers.update(cache_headers(req, index))
+        return query_response(req, body, index, extra_headers=headers, consistency=True)
 
     async def explain(req: Request, ident: str) -> Response:
         opts = req.options
@@ -520,6 +527,5 @@ def register(router: Router, ctx: AgentContext) -> None:
         if not readable(req, q):
             req.authz.require("query", "read", q["Name"])
         index = store.max_index(T_QUERIES)
-        return query_response(
-            req, {"Query": present(req, q), **meta(opts.consistency, index)}, index
-        )
+        body = {"Query": present(req, q), **meta(opts.consistency, index)}
+        return query_response(req, body, index, consistency=True)
