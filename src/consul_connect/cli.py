@@ -88,13 +88,12 @@ def _run_dev(args: argparse.Namespace) -> int:
         f"acl={'enabled, default ' + config.acl_default_policy if acl_enabled else 'disabled'}",
         flush=True,
     )
-    print(
-        f"HTTP API on http://{host}:{config.http_port} "
-        f"(CONSUL_HTTP_ADDR={host}:{config.http_port})",
-        flush=True,
-    )
+
+    def announce(address: str) -> None:
+        print(f"HTTP API on http://{address} (CONSUL_HTTP_ADDR={address})", flush=True)
+
     try:
-        serve_forever(config)
+        serve_forever(config, announce=announce)
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -80,3 +80,24 @@ def test_dev_command_rejects_a_bad_leaf_ttl() -> None:
     )
     assert out.returncode == 2
     assert "invalid duration" in out.stderr
+
+
+def test_dev_command_on_port_zero_prints_the_port_it_bound() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consul_connect.cli", "dev", "--http-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        line = proc.stdout.readline()
+        address = line.split("http://", 1)[1].split()[0]
+        port = int(address.rsplit(":", 1)[1])
+        assert port > 0
+        leader = httpx.get(f"http://{address}/v1/status/leader", timeout=10).json()
+        assert leader
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
