@@ -22,7 +22,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consul_connect._goduration import format_duration, parse_duration
@@ -488,14 +489,41 @@ def sign_leaf_certificate(
     """
     lifetime = timedelta(seconds=max(1, round(ttl)))
     start = _whole_seconds(now) - leaf_backdate(ttl)
+    return build_leaf_certificate(
+        ca_cert,
+        ca_key,
+        leaf_public_key,
+        [x509.UniformResourceIdentifier(uri)],
+        serial,
+        start,
+        start + lifetime,
+    )
+
+
+def build_leaf_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: CAPrivateKey,
+    public_key: CertificatePublicKeyTypes,
+    sans: Sequence[x509.GeneralName],
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+    *,
+    ca: bool = False,
+) -> x509.Certificate:
+    """A leaf with the built-in provider's extensions and any ``sans`` and validity.
+
+    :func:`sign_leaf_certificate` uses it for real leaves; the test CA uses it for
+    deliberately wrong ones (``ca=True``, no or several URI SANs, odd validity).
+    """
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(ca_cert.subject)
-        .public_key(leaf_public_key)
+        .public_key(public_key)
         .serial_number(serial)
-        .not_valid_before(start)
-        .not_valid_after(start + lifetime)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -503,7 +531,7 @@ def sign_leaf_certificate(
                 key_encipherment=True,
                 data_encipherment=True,
                 key_agreement=True,
-                key_cert_sign=False,
+                key_cert_sign=ca,
                 crl_sign=False,
                 encipher_only=False,
                 decipher_only=False,
@@ -516,15 +544,13 @@ def sign_leaf_certificate(
             ),
             critical=False,
         )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier(key_id(leaf_public_key)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier(key_id(ca_key.public_key()), None, None), critical=False
         )
         # An empty subject makes the SAN extension critical (RFC 5280 4.2.1.6).
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
-        )
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=True)
     )
     return builder.sign(ca_key, hashes.SHA256())
 

@@ -16,7 +16,6 @@ Every PEM lives in memory; nothing is written to disk.
 from __future__ import annotations
 
 import itertools
-import secrets
 import string
 import uuid
 from collections.abc import Sequence
@@ -25,11 +24,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..certs import CARoot, Leaf, RootSet, key_id, load_certificates
+from ..certs import CARoot, Leaf, RootSet, load_certificates
+from ..devagent.ca import build_leaf_certificate, cross_sign, make_root_certificate
 from ..identity import (
     AgentIdentity,
     ServiceIdentity,
@@ -40,7 +39,6 @@ from ..identity import (
 __all__ = ["BadCert", "TestCA"]
 
 _ROOT_TTL = timedelta(hours=87600)
-_CROSS_SIGN_TTL = timedelta(days=7)
 _BACKDATE = timedelta(minutes=1)
 _DEFAULT_LEAF_TTL = timedelta(hours=72)
 _BASE36 = string.digits + string.ascii_lowercase
@@ -188,24 +186,8 @@ class TestCA:
         at = _now(now)
         old = self._active
         new = self._new_root(at)
-        old_key_id = key_id(old.cert.public_key())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(new.cert.subject)
-            .issuer_name(old.cert.subject)
-            .public_key(new.cert.public_key())
-            .serial_number(next(self._serials))
-            .not_valid_before(at - _BACKDATE)
-            .not_valid_after(at + _CROSS_SIGN_TTL)
-        )
-        for ext in new.cert.extensions:
-            if isinstance(ext.value, x509.AuthorityKeyIdentifier):
-                continue
-            builder = builder.add_extension(ext.value, critical=ext.critical)
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier(old_key_id, None, None), critical=False
-        )
-        new.intermediates.append(self._sign(builder, old.key))
+        cross = cross_sign(new.cert, old.cert, old.key, next(self._serials), at)
+        new.intermediates.append(cross)
         old.active = False
         old.modify_index = new.create_index
         self._roots.append(new)
@@ -353,54 +335,11 @@ class TestCA:
 
     def _new_root(self, at: datetime) -> _Root:
         key = self._new_ca_key()
-        pub = key.public_key()
-        uid = "".join(secrets.choice(_BASE36) for _ in range(8))
-        name = x509.Name(
-            [
-                x509.NameAttribute(
-                    NameOID.COMMON_NAME, f"pri-{uid}.consul.ca.{self.cluster_id[:8]}.consul"
-                )
-            ]
-        )
-        kid = key_id(pub)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(pub)
-            .serial_number(next(self._serials))
-            .not_valid_before(at)
-            .not_valid_after(at + _ROOT_TTL)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(self.signing_identity.uri)]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier(kid), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier(kid, None, None), critical=False)
+        cert = make_root_certificate(
+            key, self.cluster_id, next(self._serials), _ROOT_TTL.total_seconds(), at
         )
         index = next(self._raft_index)
-        return _Root(key=key, cert=self._sign(builder, key), create_index=index, modify_index=index)
-
-    @staticmethod
-    def _sign(builder: x509.CertificateBuilder, key: _CAPrivateKey) -> x509.Certificate:
-        return builder.sign(key, hashes.SHA256())
+        return _Root(key=key, cert=cert, create_index=index, modify_index=index)
 
     def _leaf(
         self,
@@ -412,44 +351,17 @@ class TestCA:
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         root = self._active
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(root.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(next(self._serials))
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            # An empty subject makes the SAN extension critical (RFC 5280 4.2.1.6).
-            .add_extension(x509.SubjectAlternativeName(list(sans)), critical=True)
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=True,
-                    key_agreement=True,
-                    key_cert_sign=ca,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectKeyIdentifier(key_id(key.public_key())), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier(key_id(root.cert.public_key()), None, None),
-                critical=False,
-            )
+        cert = build_leaf_certificate(
+            root.cert,
+            root.key,
+            key.public_key(),
+            sans,
+            next(self._serials),
+            not_before,
+            not_after,
+            ca=ca,
         )
-        return self._sign(builder, root.key), key
+        return cert, key
 
     def _bad(
         self,
