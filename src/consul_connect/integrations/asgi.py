@@ -197,18 +197,6 @@ class IntentionsMiddleware:
 # ------------------------------------------------------------------- connection check
 
 
-def _is_l7_only(service: Service, identity: ServiceIdentity) -> bool | None:
-    """True: an L7 intention matches (decide per request); None: no local decision."""
-    decision = service.authorizer.decide(identity)
-    if decision is None:
-        return None
-    return (
-        not decision.allowed
-        and decision.intention is not None
-        and decision.intention.is_l7
-    )
-
-
 def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]:
     """An h11 protocol class that authorizes each connection for ``service``."""
 
@@ -237,24 +225,26 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
                 return
-            self._cc_accept(*verdict)
+            self._cc_accept(verdict)
 
-        def _cc_check(self, ssl_obj: Any) -> tuple[ServiceIdentity, bool] | None:
+        def _cc_check(self, ssl_obj: Any) -> ServiceIdentity | None:
+            """The admitted identity, or None when the authorizer must ask the agent.
+
+            With per-request L7 enforcement, a caller whose matching intention has L7
+            permissions is admitted here and judged on every request by the middleware.
+            """
             try:
                 identity = peer_identity(ssl_obj)
             except PeerRejected:
                 service.authorize_peer(ssl_obj)  # counts, logs and raises the refusal
                 raise
-            l7 = _is_l7_only(service, identity)
-            if l7 is None:
+            if service.authorizer.decide(identity) is None:
                 return None
-            if l7 and per_request:
-                return identity, False
-            return service.authorize_peer(ssl_obj), True
+            return service.authorize_peer(ssl_obj, per_request_l7=per_request)
 
         async def _cc_check_async(self, ssl_obj: Any) -> None:
             try:
-                identity = await service.authorize_peer_async(ssl_obj)
+                identity = await service.authorize_peer_async(ssl_obj, per_request_l7=per_request)
             except PeerRejected:
                 self._cc_refuse()
                 return
@@ -264,7 +254,7 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
                 return
             if self.transport.is_closing():
                 return
-            self._cc_accept(identity, True)
+            self._cc_accept(identity)
             self.transport.resume_reading()
 
         def _cc_refuse(self) -> None:
@@ -272,7 +262,7 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
             self._cc_buffer = []
             self.transport.abort()
 
-        def _cc_accept(self, identity: ServiceIdentity, track: bool) -> None:
+        def _cc_accept(self, identity: ServiceIdentity) -> None:
             inner = self.app
             uri = identity.uri
 
@@ -284,16 +274,15 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
                 await inner(scope, receive, send)
 
             self.app = app_with_peer
-            if track:
-                # Lets the Service abort this connection if a later intention change
-                # denies the peer. Per-request callers are re-judged on every request.
-                loop = self.loop
-                transport = self.transport
+            # Lets the Service abort this connection if a later intention change
+            # denies the peer (an L7 intention keeps it: requests are judged one by one).
+            loop = self.loop
+            transport = self.transport
 
-                def close() -> None:
-                    loop.call_soon_threadsafe(transport.abort)
+            def close() -> None:
+                loop.call_soon_threadsafe(transport.abort)
 
-                self._cc_token = service._track(identity, close)
+            self._cc_token = service.track_connection(identity, close, per_request_l7=per_request)
             self._cc_state = "accepted"
             if self._cc_buffer:
                 data = b"".join(self._cc_buffer)
@@ -309,7 +298,7 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
         def connection_lost(self, exc: Exception | None) -> None:
             token, self._cc_token = self._cc_token, None
             if token is not None:
-                service._untrack(token)
+                service.untrack_connection(token)
             super().connection_lost(exc)
 
     return ConnectH11Protocol
