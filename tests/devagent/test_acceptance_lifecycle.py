@@ -231,7 +231,14 @@ def _dev_config(monkeypatch: pytest.MonkeyPatch, *argv: str) -> DevAgentConfig:
     from consul_connect.devagent import server
 
     seen: list[DevAgentConfig] = []
-    monkeypatch.setattr(server, "serve_forever", seen.append)
+
+    def fake_serve(config: DevAgentConfig, announce: Any = None) -> None:
+        seen.append(config)
+        if announce is not None:
+            host = f"[{config.bind}]" if ":" in config.bind else config.bind
+            announce(f"{host}:{config.http_port}")
+
+    monkeypatch.setattr(server, "serve_forever", fake_serve)
     assert cli.main(["dev", *argv]) == 0
     assert len(seen) == 1
     return seen[0]
