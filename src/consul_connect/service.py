@@ -1082,7 +1082,8 @@ class ConnectListener:
         self._service = service
         self._handshake_timeout = handshake_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio (and we) only set TCP_NODELAY on such sockets.
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._sock.bind((host, port))
@@ -1142,6 +1143,9 @@ class ConnectListener:
                     return
                 time.sleep(0.05)  # e.g. EMFILE: do not spin
                 continue
+            # Small request/response exchanges must not wait for delayed ACKs.
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 self._workers.submit(self._handshake_and_queue, raw)
             except RuntimeError:  # the pool is shutting down

@@ -169,7 +169,13 @@ class AgentClient:
             verify: ssl.SSLContext | bool = (
                 _ssl_context(config) if config.scheme == "https" else True
             )
-            transport = httpx.AsyncHTTPTransport(uds=config.unix_socket, verify=verify)
+            # Each Service holds long-lived blocking queries; httpx's default pool (100)
+            # would cap a process at about 50 Services.
+            transport = httpx.AsyncHTTPTransport(
+                uds=config.unix_socket,
+                verify=verify,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            )
         self._extensions: dict[str, Any] = {}
         if config.scheme == "https" and config.tls_server_name:
             # Verify (and send SNI for) a name that differs from the host we dial.

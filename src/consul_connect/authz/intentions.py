@@ -1333,11 +1333,18 @@ class IntentionSet:
         self.default_allow = default_allow
         self._first: dict[_SourceKey, int] = {}
         self._l7: dict[int, tuple[_Predicate, ...]] = {}
+        # Decisions are immutable: build each intention's L4 decision once, not per call.
+        self._l4: list[Decision] = []
         for pos, ixn in enumerate(self._sorted):
             part = "" if ixn.source_peer else _partition(ixn.source_partition)
             self._first.setdefault((ixn.source_peer, part, ixn.source_ns, ixn.source_name), pos)
             if ixn.permissions:
                 self._l7[pos] = tuple(_compile_permission(p) for p in ixn.permissions)
+                self._l4.append(Decision(False, f"Matched L7 intention: {ixn.describe()}", ixn))
+            else:
+                allowed = ixn.action == ACTION_ALLOW
+                self._l4.append(Decision(allowed, f"Matched L4 intention: {ixn.describe()}", ixn))
+        self._default_decision = Decision(default_allow, DEFAULT_REASON)
 
     @property
     def intentions(self) -> tuple[Intention, ...]:
@@ -1376,7 +1383,7 @@ class IntentionSet:
         return None if pos is None else self._sorted[pos]
 
     def _default(self) -> Decision:
-        return Decision(self.default_allow, DEFAULT_REASON)
+        return self._default_decision
 
     def decide_l4(
         self,
@@ -1394,11 +1401,8 @@ class IntentionSet:
         """
         pos = self._first_pos(source_ns, source_name, partition, peer)
         if pos is None:
-            return self._default()
-        ixn = self._sorted[pos]
-        if ixn.permissions:
-            return Decision(False, f"Matched L7 intention: {ixn.describe()}", ixn)
-        return Decision(ixn.action == ACTION_ALLOW, f"Matched L4 intention: {ixn.describe()}", ixn)
+            return self._default_decision
+        return self._l4[pos]
 
     def decide_l7(
         self,

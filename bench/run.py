@@ -1,0 +1,861 @@
+"""The whole benchmark in one command: ``python bench/run.py`` (``--smoke`` for a quick check).
+
+Starts a dev agent, the Python servers, the nginx sidecars and the nginx ceiling (each
+its own process, all on 127.0.0.1), then measures every scenario for (a) a new
+connection per request and (b) keep-alive, in interleaved rounds so that each ratio is
+taken against a baseline measured seconds earlier on the same (shared, noisy) machine.
+Then: the OpenSSL ``s_time`` reference, library micro-benchmarks, leaf renewal and root
+rotation under load, and a pyinstrument profile of the native server. Writes
+``results.json``, PNG plots and ``RESULTS.md`` into ``--out`` (default bench/results).
+
+Every child process is started in its own process group and killed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scenarios"))
+from common import (
+    BENCH_DIR,
+    Proc,
+    fetch_pem,
+    free_port,
+    machine,
+    python_script,
+    run_json,
+    summary,
+    wait_port,
+)
+from sidecar import NginxSet, nginx_available
+
+PATCHES = "nodelay"
+DASH = "\u2013"  # see bench/scenarios/patches.py
+
+# Display order and meaning of the scenarios.
+DESCRIPTIONS = {
+    "plain": "plaintext HTTP, Python client -> uvicorn (h11) serving the app (upper bound)",
+    "mtls": "plain mTLS in Python: same server with an SSLContext, CA check only, no authz",
+    "native-intentions": "consul-connect ASGI serve(), intention authorizer (complete), "
+    "client Service.open_connection; library as shipped",
+    "native-agent": "consul-connect ASGI serve(), agent authorize endpoint (simple); as shipped",
+    "native-intentions+fix": "native-intentions with the proposed fix (patches.py) applied",
+    "native-agent+fix": "native-agent with the proposed fix applied",
+    "sidecar": "plaintext client -> nginx -> mTLS -> nginx -> plaintext server (one hop each side)",
+    "ceiling": "nginx answering 200 itself over mTLS (OpenSSL + C HTTP server ceiling)",
+    "httpx-plain": "httpx.AsyncClient plaintext -> plain server",
+    "httpx-native": "httpx AsyncConnectTransport(Service) -> native-intentions+fix",
+}
+
+
+@dataclass
+class Scenario:
+    name: str
+    port: int
+    tls: str
+    client: str = "raw"
+    server: list[Proc] = field(default_factory=list)  # server app + server-side sidecar
+    client_side: list[Proc] = field(default_factory=list)  # client-side sidecar
+    proxies: list[Proc] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+        self.nginx: NginxSet | None = None
+        self.agent: Proc | None = None
+        self.addr = ""
+        self.scenarios: dict[str, Scenario] = {}
+        self.notes: list[str] = []
+
+    # ---------------------------------------------------------------- processes
+
+    def start_agent(self) -> None:
+        self.agent = Proc(python_script("agent.py"), name="agent", stdin=subprocess.PIPE)
+        self.procs.append(self.agent)
+        assert self.agent.popen.stdout is not None
+        line = self.agent.popen.stdout.readline().decode().split()
+        if not line or line[0] != "ready":
+            raise RuntimeError(f"dev agent did not start: {self.agent.close()}")
+        self.addr = line[1]
+        r = httpx.put(f"http://{self.addr}/v1/connect/intentions/exact",
+                      params={"source": "web", "destination": "api"},
+                      json={"Action": "allow"}, timeout=10)
+        r.raise_for_status()
+
+    def agent_command(self, command: str) -> None:
+        assert self.agent is not None and self.agent.popen.stdin is not None
+        assert self.agent.popen.stdout is not None
+        self.agent.popen.stdin.write(command.encode() + b"\n")
+        self.agent.popen.stdin.flush()
+        answer = self.agent.popen.stdout.readline().decode().strip()
+        if answer != "ok":
+            raise RuntimeError(f"agent command {command!r}: {answer}")
+
+    def server(self, kind: str, *extra: str) -> tuple[Proc, int]:
+        port = free_port()
+        proc = Proc(python_script("server.py", "--kind", kind, "--port", str(port),
+                                  "--agent", self.addr, *extra), name=kind)
+        self.procs.append(proc)
+        return proc, port
+
+    def start_servers(self, with_nginx: bool) -> None:
+        a = self.args
+        wanted = ["plain", "mtls", "native-intentions", "native-agent"]
+        if not a.smoke:
+            wanted += ["native-intentions+fix", "native-agent+fix"]
+        started: dict[str, tuple[Proc, int]] = {}
+        for name in wanted:
+            kind, _, fix = name.partition("+")
+            started[name] = self.server(kind, *(["--patches", PATCHES] if fix else []))
+        for name, (proc, port) in started.items():
+            wait_port(port, 60, proc.popen)
+            tls = {"plain": "none", "mtls": "mtls"}.get(name, "native")
+            self.scenarios[name] = Scenario(name, port, tls, server=[proc])
+        if with_nginx:
+            api, web = fetch_pem(self.addr, "api"), fetch_pem(self.addr, "web")
+            self.nginx = NginxSet(api, web)
+            plain_proc, plain_port = started["plain"]
+            s_port, c_port, ceil_port = free_port(), free_port(), free_port()
+            s_side = self.nginx.server_sidecar(s_port, plain_port)
+            c_side = self.nginx.client_sidecar(c_port, s_port)
+            ceil = self.nginx.ceiling(ceil_port)
+            self.scenarios["sidecar"] = Scenario("sidecar", c_port, "none",
+                                                 server=[plain_proc, s_side],
+                                                 client_side=[c_side], proxies=[s_side, c_side])
+            self.scenarios["ceiling"] = Scenario("ceiling", ceil_port, "mtls", server=[ceil])
+        if not a.smoke:
+            self.scenarios["httpx-plain"] = Scenario(
+                "httpx-plain", started["plain"][1], "none", "httpx", server=[started["plain"][0]])
+            target = "native-intentions+fix"
+            proc, port = started[target]
+            r = httpx.put(f"http://{self.addr}/v1/agent/service/register", json={
+                "Name": "api", "ID": "api-bench", "Address": "127.0.0.1", "Port": port,
+                "Connect": {"Native": True}}, timeout=10)
+            r.raise_for_status()
+            self.scenarios["httpx-native"] = Scenario("httpx-native", port, "native", "httpx",
+                                                      server=[proc])
+
+    def close(self) -> None:
+        if self.nginx is not None:
+            self.nginx.close()
+        for p in reversed(self.procs):
+            p.close()
+
+    # ---------------------------------------------------------------- measuring
+
+    def loadgen(self, scn: Scenario, mode: str, *, duration: float, extra: list[str] | None = None,
+                during: Any = None) -> dict[str, Any]:
+        """One load-generator run; CPU of every process sampled around its window."""
+        a = self.args
+        args = python_script("loadgen.py", "--mode", mode, "--tls", scn.tls, "--client",
+                             scn.client, "--port", str(scn.port), "--agent", self.addr,
+                             "--conns", str(a.conns), "--warmup", str(a.warmup),
+                             "--duration", str(duration), *(extra or []))
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        budget = duration + a.warmup + 60
+        killer = threading.Timer(budget, lambda: _killpg(proc.pid))
+        killer.start()
+        watched = {"server": scn.server, "client_side": scn.client_side, "proxies": scn.proxies,
+                   "agent": [self.agent] if self.agent else []}
+        before: dict[str, float] = {}
+        after: dict[str, float] = {}
+        result: dict[str, Any] | None = None
+        runner: threading.Thread | None = None
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode().strip()
+                if line == "start":
+                    before = {k: sum(p.cpu() for p in v) for k, v in watched.items()}
+                    if during is not None:
+                        runner = threading.Thread(target=during, daemon=True)
+                        runner.start()
+                elif line.startswith("{"):
+                    after = {k: sum(p.cpu() for p in v) for k, v in watched.items()}
+                    result = json.loads(line)
+            proc.wait(10)
+        finally:
+            killer.cancel()
+            if proc.poll() is None:
+                _killpg(proc.pid)
+                proc.wait(5)
+            err = proc.stderr.read().decode()[-1500:] if proc.stderr else ""
+            for s in (proc.stdout, proc.stderr):
+                if s is not None:
+                    s.close()
+            if runner is not None:
+                runner.join(60)
+        if result is None or not before:
+            raise RuntimeError(f"load generator failed for {scn.name}/{mode}: {err}")
+        cpu = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in watched}
+        n = max(1, result["requests"])
+        server_cpu = cpu["server"]
+        client_cpu = result["client_cpu_s"] + cpu["client_side"]
+        result.update({
+            "server_cpu_s": server_cpu,
+            "proxy_cpu_s": cpu["proxies"],
+            "agent_cpu_s": cpu["agent"],
+            "client_total_cpu_s": client_cpu,
+            "server_cpu_per_1k": server_cpu / n * 1000,
+            "total_cpu_per_1k": (server_cpu + client_cpu + cpu["agent"]) / n * 1000,
+            "server_rss_kib": sum(p.rss() for p in scn.server),
+            "proxy_rss_kib": sum(p.rss() for p in scn.proxies),
+        })
+        return result
+
+    def matrix(self) -> dict[str, Any]:
+        a = self.args
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for rnd in range(a.rounds):
+            for mode in ("conn", "keep"):
+                order = list(self.scenarios)
+                # Rotate the order each round so no scenario always runs first.
+                k = rnd % len(order)
+                for name in order[k:] + order[:k]:
+                    res = self.loadgen(self.scenarios[name], mode, duration=a.duration)
+                    res["round"] = rnd
+                    raw.setdefault(mode, {}).setdefault(name, []).append(res)
+                    _log(f"round {rnd + 1} {mode:4s} {name:22s} {res['rps']:9.0f} req/s "
+                         f"p50 {res['p50_ms']:6.2f} p99 {res['p99_ms']:6.2f} ms "
+                         f"fail {res['failures']}")
+        return raw
+
+    # ------------------------------------------------------------- extra pieces
+
+    def openssl_reference(self) -> dict[str, Any]:
+        """``openssl s_time`` (sequential new mTLS handshakes) against the nginx ceiling."""
+        if self.nginx is None or "ceiling" not in self.scenarios or not shutil.which("openssl"):
+            return {"skipped": "nginx or openssl not available"}
+        if self.args.smoke:
+            return {"skipped": "smoke run"}
+        k = self.nginx.keys
+        seconds = "1" if self.args.smoke else "3"
+        runs = []
+        for _ in range(1 if self.args.smoke else self.args.rounds):
+            done = subprocess.run(
+                ["openssl", "s_time", "-connect", f"127.0.0.1:{self.scenarios['ceiling'].port}",
+                 "-new", "-time", seconds, "-cert", str(k / "web.crt"), "-key", str(k / "web.key"),
+                 "-CAfile", str(k / "roots.pem"), "-www", "/"],
+                capture_output=True, timeout=60, check=False)
+            text = done.stdout.decode()
+            m = re.search(r"(\d+) connections in ([\d.]+)s;\s*([\d.]+) connections/user sec", text)
+            m2 = re.search(r"(\d+) connections in (\d+) real seconds", text)
+            if m and m2:
+                runs.append({"per_user_cpu_s": float(m.group(3)),
+                             "wall_per_s": int(m2.group(1)) / max(1, int(m2.group(2)))})
+        speed: dict[str, Any] = {}
+        if not self.args.smoke:
+            done = subprocess.run(["openssl", "speed", "-seconds", "1", "ecdsap256", "ecdhp256"],
+                                  capture_output=True, timeout=60, check=False)
+            for line in done.stdout.decode().splitlines():
+                parts = line.split()
+                if "(nistp256)" not in line or len(parts) < 5:
+                    continue
+                if "ecdsa" in parts:
+                    speed["ecdsa_p256_sign_per_s"] = float(parts[-2])
+                    speed["ecdsa_p256_verify_per_s"] = float(parts[-1])
+                elif "ecdh" in parts:
+                    speed["ecdh_p256_per_s"] = float(parts[-1])
+        return {"s_time_new_tls13": runs,
+                "wall_per_s": summary([r["wall_per_s"] for r in runs]),
+                "per_client_cpu_s": summary([r["per_user_cpu_s"] for r in runs]),
+                "speed": speed}
+
+    def rotation(self) -> dict[str, Any]:
+        """Leaf renewal then CA root rotation while native clients keep sending requests."""
+        name = "native-intentions+fix" if "native-intentions+fix" in self.scenarios \
+            else "native-intentions"
+        scn = self.scenarios[name]
+        dur = self.args.rotation_duration
+        out: dict[str, Any] = {"scenario": name}
+        # Each rotation must change the CA config, or Consul treats the PUT as a no-op.
+        bits = {"conn": 384, "keep": 256}
+        for mode in ("conn",) if self.args.smoke else ("conn", "keep"):
+            events: list[tuple[str, float]] = []
+            t_start: list[float] = []
+
+            def drive(events: list[tuple[str, float]] = events,
+                      t_start: list[float] = t_start, key_bits: int = bits[mode]) -> None:
+                t0 = time.monotonic()
+                t_start.append(t0)
+                _sleep_until(t0 + dur * 0.25)
+                self.agent_command("renew api")
+                self.agent_command("renew web")
+                events.append(("leaf renewal (api, web)", time.monotonic() - t0))
+                _sleep_until(t0 + dur * 0.55)
+                r = httpx.put(f"http://{self.addr}/v1/connect/ca/configuration", json={
+                    "Provider": "consul",
+                    "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": key_bits}}, timeout=30)
+                r.raise_for_status()
+                events.append((f"CA root rotation (EC P-{key_bits})", time.monotonic() - t0))
+
+            res = self.loadgen(scn, mode, duration=dur, extra=["--timeline"], during=drive)
+            res["events"] = [{"what": w, "t_s": t} for w, t in events]
+            if mode == "keep":
+                res["distinct_server_certs"] = None  # no new connections by design
+            base = _steady_p99(res["timeline"], [t for _, t in events])
+            res["latency_blip_ms"] = base
+            out[mode] = res
+            _log(f"rotation {mode}: {res['requests']} requests, {res['failures']} failed, "
+                 f"server certs seen {res.get('distinct_server_certs')}, "
+                 f"worst {res['max_ms']:.1f} ms")
+        return out
+
+    def profile(self) -> dict[str, Any]:
+        """pyinstrument on the native server (as shipped and with the fix), both modes."""
+        out: dict[str, Any] = {}
+        for label, extra in (("shipped", []), ("fix", ["--patches", PATCHES])):
+            for mode in ("conn", "keep"):
+                path = self.out / f"profile_native_{label}_{mode}.txt"
+                proc, port = self.server("native-intentions", "--profile", str(path), *extra)
+                try:
+                    wait_port(port, 60, proc.popen)
+                    scn = Scenario("profile", port, "native", server=[proc])
+                    res = self.loadgen(scn, mode, duration=self.args.duration)
+                    os.killpg(proc.pid, signal.SIGINT)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.popen.wait(60)
+                finally:
+                    proc.close()
+                    self.procs.remove(proc)
+                out[f"{label}_{mode}"] = {"rps": res["rps"], "file": path.name,
+                                          "top": _profile_top(path)}
+        return out
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _sleep_until(t: float) -> None:
+    # Schedules the rotation events inside a timed run; bounded by the run's length.
+    delay = t - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _steady_p99(timeline: list[list[float]], event_times: list[float]) -> dict[str, float]:
+    """Worst latency in the 1 s after each event vs the median per-bucket worst elsewhere."""
+    quiet = [b[3] for b in timeline if all(not (t - 0.2 <= b[0] <= t + 1.0) for t in event_times)]
+    near = [b[3] for b in timeline if any(t - 0.2 <= b[0] <= t + 1.0 for t in event_times)]
+    return {
+        "steady_worst_per_100ms_ms": (statistics.median(quiet) * 1000) if quiet else float("nan"),
+        "worst_near_events_ms": (max(near) * 1000) if near else float("nan"),
+    }
+
+
+def _profile_top(path: Path, lines: int = 45) -> str:
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[:lines])
+
+
+def analyse(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per-scenario medians (min-max) and same-round ratios to the baselines."""
+    out: dict[str, Any] = {}
+    metrics = ["rps", "p50_ms", "p99_ms", "server_cpu_per_1k", "total_cpu_per_1k",
+               "server_rss_kib", "proxy_rss_kib", "failures"]
+    for mode, by_name in raw.items():
+        m: dict[str, Any] = {}
+        for name, runs in by_name.items():
+            m[name] = {k: summary([float(r[k]) for r in runs]) for k in metrics}
+        rounds = sorted({r["round"] for runs in by_name.values() for r in runs})
+
+        def per_round(num: str, den: str, key: str = "rps",
+                      by_name: dict[str, Any] = by_name, rounds: list[int] = rounds) -> list[float]:
+            vals = []
+            for rnd in rounds:
+                a = [r[key] for r in by_name.get(num, []) if r["round"] == rnd]
+                b = [r[key] for r in by_name.get(den, []) if r["round"] == rnd]
+                if a and b and b[0]:
+                    vals.append(a[0] / b[0])
+            return vals
+
+        ratios: dict[str, Any] = {}
+        for base in ("plain", "mtls", "sidecar", "ceiling", "httpx-plain"):
+            if base not in by_name:
+                continue
+            ratios[base] = {name: summary(per_round(name, base)) for name in by_name}
+        m["_ratios"] = ratios
+        # Added p99 over plaintext, per round.
+        added: dict[str, Any] = {}
+        for name in by_name:
+            vals = []
+            for rnd in rounds:
+                a = [r["p99_ms"] for r in by_name[name] if r["round"] == rnd]
+                b = [r["p99_ms"] for r in by_name.get("plain", []) if r["round"] == rnd]
+                if a and b:
+                    vals.append(a[0] - b[0])
+            added[name] = summary(vals)
+        m["_added_p99_ms"] = added
+        out[mode] = m
+    return out
+
+
+def targets(an: dict[str, Any], micro: dict[str, Any], rot: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each acceptance target with its measured value, pass/miss and the margin."""
+    rows: list[dict[str, Any]] = []
+
+    def ratio(mode: str, num: str, den: str) -> dict[str, float] | None:
+        r: dict[str, float] | None = an.get(mode, {}).get("_ratios", {}).get(den, {}).get(num)
+        return r
+
+    def add(target: str, native: str, value: dict[str, float] | None, goal: float,
+            higher: bool = True, unit: str = "x") -> None:
+        if value is None or value["median"] != value["median"]:
+            rows.append({"target": target, "native": native, "status": "not measured"})
+            return
+        v = value["median"]
+        ok = v >= goal if higher else v <= goal
+        margin = (v / goal - 1) * 100 if goal else float("nan")
+        rows.append({"target": target, "native": native, "goal": goal, "value": v,
+                     "min": value["min"], "max": value["max"], "unit": unit,
+                     "status": "pass" if ok else "miss", "margin_pct": margin})
+
+    natives = [n for n in ("native-intentions", "native-intentions+fix", "native-agent",
+                           "native-agent+fix") if n in an.get("conn", {})]
+    for nat in natives:
+        add("new conn/s >= 0.9x plain Python mTLS", nat, ratio("conn", nat, "mtls"), 0.9)
+        add("new conn/s >= 0.8x nginx mTLS ceiling", nat, ratio("conn", nat, "ceiling"), 0.8)
+        add("new conn/s >= 1.3x sidecar pair", nat, ratio("conn", nat, "sidecar"), 1.3)
+        add("keep-alive req/s >= 0.8x plaintext", nat, ratio("keep", nat, "plain"), 0.8)
+        add("keep-alive req/s >= 1.5x sidecar pair", nat, ratio("keep", nat, "sidecar"), 1.5)
+        keep = an.get("keep", {}).get("_added_p99_ms", {})
+        if nat in keep and "sidecar" in keep:
+            nat_add, side_add = keep[nat]["median"], keep["sidecar"]["median"]
+            goal = side_add / 2
+            ok = nat_add <= goal
+            rows.append({"target": "keep-alive added p99 over plaintext <= 1/2 sidecar's",
+                         "native": nat, "goal": goal, "value": nat_add, "unit": "ms",
+                         "min": keep[nat]["min"], "max": keep[nat]["max"],
+                         "status": "pass" if ok else "miss",
+                         "margin_pct": ((goal - nat_add) / goal * 100) if goal else float("nan")})
+    big = micro.get("authz", {}).get("10000") or micro.get("authz", {}).get(
+        max(micro.get("authz", {"0": 0}), key=lambda k: int(k) if k.isdigit() else -1))
+    if isinstance(big, dict):
+        d = big["authorizer_decide"]
+        add("authorization decision < 5 us at 10,000 intentions", "IntentionAuthorizer",
+            {"median": d["median_us"], "min": d["min_us"], "max": d["median_us"]},
+            5.0, higher=False, unit="us")
+    for mode in ("conn", "keep"):
+        r = rot.get(mode)
+        if isinstance(r, dict):
+            fails = r["failures"]
+            rows.append({"target": f"zero failed requests, leaf renewal + root rotation ({mode})",
+                         "native": rot.get("scenario", ""), "goal": 0, "value": fails,
+                         "unit": "failed", "status": "pass" if fails == 0 else "miss",
+                         "margin_pct": float("nan"), "requests": r["requests"]})
+    return rows
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def plots(out: Path, an: dict[str, Any], rot: dict[str, Any]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made: list[str] = []
+    titles = {"conn": "new connection per request", "keep": "keep-alive connections"}
+    for mode, base in (("conn", "mtls"), ("keep", "plain")):
+        ratios = an.get(mode, {}).get("_ratios", {}).get(base)
+        if not ratios:
+            continue
+        names = [n for n in DESCRIPTIONS if n in ratios]
+        med = [ratios[n]["median"] for n in names]
+        lo = [ratios[n]["median"] - ratios[n]["min"] for n in names]
+        hi = [ratios[n]["max"] - ratios[n]["median"] for n in names]
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        colors = ["#4c72b0" if n.startswith("native") or n == "httpx-native" else "#999999"
+                  for n in names]
+        ax.bar(names, med, yerr=[lo, hi], capsize=4, color=colors)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"req/s ratio to '{base}' (same round)")
+        ax.set_title(f"Throughput, {titles[mode]}: median of rounds, min-max bars")
+        ax.tick_params(axis="x", rotation=35)
+        for lbl in ax.get_xticklabels():
+            lbl.set_horizontalalignment("right")
+        fig.tight_layout()
+        name = f"throughput_{mode}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+    # Latency (p50/p99) per scenario, both modes.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, mode in zip(axes, ("conn", "keep"), strict=True):
+        m = an.get(mode, {})
+        names = [n for n in DESCRIPTIONS if n in m]
+        if not names:
+            continue
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [m[n]["p50_ms"]["median"] for n in names], 0.4, label="p50")
+        ax.bar([i + 0.2 for i in x], [m[n]["p99_ms"]["median"] for n in names], 0.4, label="p99")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=40, ha="right")
+        ax.set_ylabel("ms (loaded, 8 concurrent clients)")
+        ax.set_title(titles[mode])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    made.append("latency.png")
+    # Rotation timeline.
+    if isinstance(rot.get("keep"), dict) and isinstance(rot.get("conn"), dict):
+        fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=False)
+        for ax, mode in zip(axes, ("conn", "keep"), strict=True):
+            r = rot[mode]
+            tl = r["timeline"]
+            b = r["bucket_s"]
+            ax.plot([t[0] for t in tl], [t[1] / b for t in tl], label="ok req/s")
+            ax.plot([t[0] for t in tl], [t[2] / b for t in tl], "r", label="failed req/s")
+            ax2 = ax.twinx()
+            ax2.plot([t[0] for t in tl], [t[3] * 1000 for t in tl], color="#dd8452",
+                     linewidth=0.8, label="worst latency (ms)")
+            ax2.set_ylabel("worst ms per 100 ms")
+            for ev in r["events"]:
+                ax.axvline(ev["t_s"] - 0.0, color="green", linestyle="--")
+                ax.text(ev["t_s"], 0, " " + ev["what"], rotation=90, va="bottom", fontsize=7)
+            ax.set_title(f"rotation under load ({titles[mode]}): {r['failures']} failed of "
+                         f"{r['requests']}")
+            ax.set_ylabel("req/s")
+            ax.legend(loc="upper left", fontsize=7)
+        axes[-1].set_xlabel("seconds into the measured window")
+        fig.tight_layout()
+        fig.savefig(out / "rotation.png", dpi=110)
+        plt.close(fig)
+        made.append("rotation.png")
+    return made
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "\u2013"
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _mm(s: dict[str, float], digits: int = 2) -> str:
+    return f"{_f(s['median'], digits)} ({_f(s['min'], digits)}\u2013{_f(s['max'], digits)})"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    mach = res["machine"]
+    an = res["analysis"]
+    cfg = res["config"]
+    lines = [
+        "# consul-connect benchmark results",
+        "",
+        f"Run: {res['started']} (UTC), {res['elapsed_s']:.0f} s, command "
+        f"`python bench/run.py{' --smoke' if cfg['smoke'] else ''}`.",
+        "",
+        f"Machine: {mach['cpus']} vCPU {mach['cpu_model']}, {mach['memory_gib']} GiB RAM, "
+        f"{mach['os']}; Python {mach['python']}, {mach['openssl']}; {mach['nginx']}. "
+        f"Load average at start: {', '.join(f'{x:.2f}' for x in mach['loadavg_at_start'])} "
+        "(the machine is shared: other jobs were running).",
+        "",
+        f"Method: {cfg['rounds']} interleaved rounds; each round runs every scenario for "
+        f"{cfg['duration']} s after a {cfg['warmup']} s warm-up with {cfg['conns']} concurrent "
+        "clients. Client (load generator, asyncio streams) and server run in separate "
+        "processes on the same 2 cores, nothing pinned; all traffic on 127.0.0.1. "
+        "Every ratio is taken within a round and then summarised as **median (min\u2013max)** "
+        "over rounds. TLS 1.3, full handshakes everywhere (no resumption). "
+        "CPU s per 1,000 requests: *server* = server process + server-side sidecar; "
+        "*total* = server + load generator + client-side sidecar + dev agent.",
+        "",
+        "![throughput, new connections](throughput_conn.png)",
+        "![throughput, keep-alive](throughput_keep.png)",
+        "![latency](latency.png)",
+        "",
+        "## Targets",
+        "",
+        "| target | native variant | measured | goal | status | margin |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    for t in res["targets"]:
+        if t["status"] == "not measured":
+            lines.append(f"| {t['target']} | {t['native']} | {DASH} | {DASH} | not measured "
+                         f"| {DASH} |")
+            continue
+        unit = t["unit"]
+        meas = f"{_f(t['value'])} {unit}"
+        if "min" in t:
+            meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
+        lines.append(f"| {t['target']} | {t['native']} | {meas} | {_f(float(t['goal']))} {unit} "
+                     f"| **{t['status']}** | {_f(t['margin_pct'], 0)} % |")
+    lines += ["", "Margin: how far the median is above (+) or below (\u2212) the goal, in % of the "
+              "goal (for 'lower is better' targets, + means under the limit).", ""]
+    for mode, title in (("conn", "New connection per request"), ("keep", "Keep-alive")):
+        m = an.get(mode)
+        if not m:
+            continue
+        base = "mtls" if mode == "conn" else "plain"
+        ratios = m["_ratios"].get(base, {})
+        side = m["_ratios"].get("sidecar", {})
+        lines += [f"## {title}", "",
+                  f"| scenario | req/s | ratio to {base} | ratio to sidecar | p50 ms | p99 ms | "
+                  "server CPU s/1k | total CPU s/1k | server RSS MiB | failed |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name in DESCRIPTIONS:
+            if name not in m:
+                continue
+            s = m[name]
+            lines.append(
+                f"| {name} | {_mm(s['rps'], 0)} | "
+                f"{_mm(ratios[name]) if name in ratios else DASH} "
+                f"| {_mm(side[name]) if name in side else DASH} | "
+                f"{_f(s['p50_ms']['median'])} | "
+                f"{_f(s['p99_ms']['median'])} | {_f(s['server_cpu_per_1k']['median'], 3)} | "
+                f"{_f(s['total_cpu_per_1k']['median'], 3)} | "
+                f"{_f(s['server_rss_kib']['median'] / 1024, 1)} | "
+                f"{_f(s['failures']['max'], 0)} |")
+        lines.append("")
+    lines += ["Scenarios:", ""] + [f"- **{k}**: {v}" for k, v in DESCRIPTIONS.items()] + [""]
+    ref = res.get("openssl", {})
+    if ref.get("s_time_new_tls13"):
+        lines += ["## OpenSSL reference", "",
+                  f"`openssl s_time -new` (one client, sequential full TLS 1.3 mTLS handshakes "
+                  f"against the nginx ceiling): {_mm(ref['wall_per_s'], 0)} conn/s wall, "
+                  f"{_mm(ref['per_client_cpu_s'], 0)} conn per client-CPU-s. "
+                  f"`openssl speed`: {json.dumps(ref.get('speed', {}))}.", ""]
+    lines += _micro_md(res.get("micro", {}))
+    lines += _rotation_md(res.get("rotation", {}), res.get("rotation_rerun", ""))
+    lines += _profile_md(res.get("profile", {}))
+    if res.get("reading"):
+        lines += ["## Reading", "", res["reading"], ""]
+    return "\n".join(lines) + "\n"
+
+
+def _micro_md(micro: dict[str, Any]) -> list[str]:
+    if not micro:
+        return []
+    lines = ["## Library micro-benchmarks", "",
+             "| measurement | median | best |", "| --- | ---: | ---: |"]
+    authz = micro.get("authz", {})
+    base = authz.get("baseline_dict_lookup")
+    if base:
+        lines.append(f"| baseline: one dict lookup | {_f(base['median_us'], 3)} µs | "
+                     f"{_f(base['min_us'], 3)} µs |")
+    for n, d in authz.items():
+        if not n.isdigit():
+            continue
+        for key, label in (("authorizer_decide", "IntentionAuthorizer.decide, exact match"),
+                           ("authorizer_decide_nomatch", "IntentionAuthorizer.decide, wildcard"),
+                           ("decide_l7_l4intention", "decide_l7 (per HTTP request)")):
+            lines.append(f"| {label}, {int(n):,} intentions | {_f(d[key]['median_us'])} µs | "
+                         f"{_f(d[key]['min_us'])} µs |")
+        lines.append(f"| build IntentionSet, {int(n):,} intentions | {_f(d['build_set_ms'])} ms "
+                     "| |")
+    tls = micro.get("tls", {})
+    for key, label in (("peer_identity_cached", "peer identity, cached leaf"),
+                       ("peer_identity_cold", "peer identity, new leaf (parse + checks)"),
+                       ("tlsmaterial_build", "snapshot build (verify + 2 contexts)"),
+                       ("baseline_sslcontext_new", "baseline: ssl.SSLContext()"),
+                       ("snapshot_publish", "snapshot publish (reference swap)"),
+                       ("context_pick_per_handshake", "current context lookup per handshake")):
+        if key in tls:
+            lines.append(f"| {label} | {_f(tls[key]['median_us'])} µs | "
+                         f"{_f(tls[key]['min_us'])} µs |")
+    w = micro.get("watch", {})
+    if w:
+        d = w["intention_change_to_decision_ms"]
+        lines.append(f"| intention PUT until the authorizer decides with it (n={d['n']}) | "
+                     f"{_f(d['median'], 1)} ms | {_f(d['min'], 1)} ms |")
+        lines.append(f"| idle CPU, one Service with its watches | "
+                     f"{_f(w['idle_cpu_ms_per_s'], 3)} ms/s | |")
+    fixed = micro.get("authz_with_l4_decision_cache", {})
+    for n, d in fixed.items():
+        if n.isdigit():
+            lines.append(f"| with proposed l4-decision-cache: decide, {int(n):,} intentions | "
+                         f"{_f(d['authorizer_decide']['median_us'])} \u00b5s | "
+                         f"{_f(d['authorizer_decide']['min_us'])} \u00b5s |")
+    for label, what in (("scale_shipped", "library as shipped"),
+                        ("scale_agent-pool", "with the proposed agent-pool fix")):
+        s = micro.get(label, {})
+        if "error" in s:
+            lines += ["", f"{what}: the scale run failed: {s['error'][-300:]}"]
+            continue
+        if not s:
+            continue
+        lines += ["", f"One process asked to hold **{s['services']:,} Services** against one "
+                  f"agent ({what}): {s['created']:,} created and **{s['ready']:,} ready** "
+                  f"after {_f(s['ready_s'], 1)} s (budget-bounded); "
+                  f"errors {s['errors'] or 'none'}; "
+                  f"{s['roots_watch_hubs']} roots watch (hub); {s['agent_connections']} TCP "
+                  f"connections to the agent; {s['threads']} threads; "
+                  f"{_f(s['rss_per_service_kib'], 1)} KiB RSS per ready Service "
+                  f"({s['rss_before_kib'] / 1024:.0f} \u2192 {s['rss_after_kib'] / 1024:.0f} MiB); "
+                  f"idle CPU {_f(s['idle_cpu_ms_per_s'], 2)} ms/s in the process, "
+                  f"{_f(s['agent_idle_cpu_ms_per_s'], 2)} ms/s in the agent."]
+    return [*lines, ""]
+
+
+def _rotation_md(rot: dict[str, Any], rerun: str = "") -> list[str]:
+    if not rot or "conn" not in rot:
+        return []
+    lines = ["## Rotation under load", "", "![rotation](rotation.png)", ""]
+    if rerun:
+        lines += [f"Re-measured on {rerun} (UTC) with `python bench/run.py --only-rotation` "
+                  "(the first run's keep-alive pass repeated an identical CA config, which "
+                  "Consul treats as no rotation).", ""]
+    lines += [
+             f"Server: {rot['scenario']}; client: native Service('web'). During one timed run "
+             "the agent renews both leaves, then the CA root is rotated (a new EC root, "
+             "cross-signed; leaves re-issued at once, no jitter). Keep-alive connections "
+             "stay open across both, so 'server certs seen' only applies to new "
+             "connections.", "",
+             "| mode | requests | failed | server certs seen | steady worst/100 ms | "
+             "worst near events | client leaf rotations / roots changes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for mode in ("conn", "keep"):
+        if mode not in rot:
+            continue
+        r = rot[mode]
+        b = r["latency_blip_ms"]
+        lines.append(f"| {mode} | {r['requests']:,} | {r['failures']} | "
+                     f"{r.get('distinct_server_certs') or DASH} | "
+                     f"{_f(b['steady_worst_per_100ms_ms'])} ms | {_f(b['worst_near_events_ms'])} ms"
+                     f" | {r.get('client_leaf_rotations', DASH)} / "
+                     f"{r.get('client_roots_changes', DASH)} |")
+    return [*lines, ""]
+
+
+def _profile_md(prof: dict[str, Any]) -> list[str]:
+    if not prof:
+        return []
+    lines = ["## Profile of the native server (pyinstrument)", ""]
+    for key, p in prof.items():
+        lines.append(f"- `{p['file']}`: {key}, {p['rps']:.0f} req/s under the profiler")
+    return [*lines, ""]
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (a test, ~30 s)")
+    parser.add_argument("--out", default=str(BENCH_DIR / "results"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--conns", type=int, default=8)
+    parser.add_argument("--rotation-duration", type=float, default=8.0)
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--reading", default="", help="a file whose text goes under 'Reading'")
+    parser.add_argument("--only-rotation", action="store_true",
+                        help="re-measure only the rotation into an existing results.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite RESULTS.md and plots from an existing results.json")
+    args = parser.parse_args(argv)
+    res: dict[str, Any]
+    if args.only_rotation:
+        out = Path(args.out)
+        res = json.loads((out / "results.json").read_text())
+        bench = Bench(args)
+        try:
+            bench.start_agent()
+            bench.start_servers(False)
+            res["rotation"] = bench.rotation()
+        finally:
+            bench.close()
+        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"])
+        res["rotation_rerun"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        args.render_only = True
+    if args.render_only:
+        out = Path(args.out)
+        res = json.loads((out / "results.json").read_text())
+        if args.reading and Path(args.reading).exists():
+            res["reading"] = Path(args.reading).read_text().strip()
+        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"])
+        res["plots"] = plots(out, res["analysis"], res["rotation"])
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        (out / "RESULTS.md").write_text(markdown(res))
+        return 0
+    if args.smoke:
+        args.rounds, args.duration, args.warmup, args.conns = 1, 0.3, 0.1, 2
+        args.rotation_duration = 1.5
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    with_nginx = nginx_available() and not args.no_nginx
+    if not with_nginx and not args.no_nginx:
+        _log("nginx (with its stream module) is not installed: sidecar and ceiling skipped; "
+             "run bench/setup.sh")
+    bench = Bench(args)
+    res = {"started": started.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+                           "config": {k: v for k, v in vars(args).items()}}
+    try:
+        bench.start_agent()
+        bench.start_servers(with_nginx)
+        raw = bench.matrix()
+        res["raw"] = raw
+        res["analysis"] = analyse(raw)
+        res["openssl"] = bench.openssl_reference()
+        res["rotation"] = bench.rotation()
+        if not args.smoke:
+            res["profile"] = bench.profile()
+    finally:
+        bench.close()
+    _log("micro-benchmarks ...")
+    micro_args = python_script("../micro.py", *(["--smoke"] if args.smoke else []),
+                               "--services", str(args.services))
+    try:
+        res["micro"] = run_json(micro_args, 400)
+    except Exception as exc:  # keep the rest of the run
+        res["micro"] = {"error": str(exc)[-1500:]}
+        _log(f"micro-benchmarks failed: {exc}")
+    res["targets"] = targets(res["analysis"], res["micro"], res["rotation"])
+    if args.reading and Path(args.reading).exists():
+        res["reading"] = Path(args.reading).read_text().strip()
+    res["elapsed_s"] = time.monotonic() - t0
+    out = Path(args.out)
+    res["plots"] = plots(out, res["analysis"], res["rotation"])
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "RESULTS.md").write_text(markdown(res))
+    _log(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {res['elapsed_s']:.0f} s")
+    for t in res["targets"]:
+        _log(f"  {t['status']:12s} {t['target']} [{t['native']}]: {_f(t.get('value', DASH))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

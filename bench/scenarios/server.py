@@ -1,0 +1,142 @@
+"""One benchmark server process: the same tiny ASGI app on uvicorn (h11), four ways.
+
+``python bench/scenarios/server.py --kind K --port P [--agent HOST:PORT]``
+
+* ``plain``: plaintext HTTP (the upper bound, and the backend behind the sidecars);
+* ``mtls``: uvicorn with a plain mTLS ``SSLContext`` built from the same Connect leaf,
+  CA verification only: no identity check, no intentions (the TLS cost alone);
+* ``native-intentions`` / ``native-agent``: ``consul_connect.integrations.asgi.serve``
+  with a ``Service("api")`` whose authorizer is the local intention cache (complete
+  integration, L7 middleware on) or the agent's authorize endpoint (simple integration).
+
+Prints ``listening <port>`` once it accepts connections and runs until SIGTERM/SIGINT.
+With ``--profile FILE`` the whole serving thread is sampled with pyinstrument and a text
+report is written to FILE at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BODY, Pem, fetch_pem, plain_mtls_context
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+
+_HEADERS = [
+    (b"content-type", b"text/plain"),
+    (b"content-length", str(len(BODY)).encode()),
+]
+
+
+async def app(
+    scope: Scope,
+    receive: Callable[[], Awaitable[Message]],
+    send: Callable[[Message], Awaitable[None]],
+) -> None:
+    """A minimal ASGI app: 200 with a fixed 100-byte body for every HTTP request."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+_UVICORN: dict[str, Any] = {
+    "log_config": None,
+    "access_log": False,
+    "lifespan": "off",
+    "ws": "none",
+    "timeout_keep_alive": 15,
+    "backlog": 4096,
+}
+
+
+async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event) -> None:
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", **_UVICORN)
+    config.load()
+    if pem is not None:
+        config.ssl = plain_mtls_context(pem, server=True)
+    # uvicorn handles SIGTERM/SIGINT itself while serving: it stops and re-raises.
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            return
+        await asyncio.sleep(0.01)
+    print(f"listening {port}", flush=True)
+    await stop.wait()
+    server.should_exit = True
+    await asyncio.wait_for(task, 10)
+
+
+async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Event) -> None:
+    from consul_connect.agent.config import AgentConfig
+    from consul_connect.integrations.asgi import serve
+    from consul_connect.service import Service
+
+    kind: Any = authorizer  # "intentions" or "agent"
+    svc = Service("api", agent=AgentConfig.from_address(agent), authorizer=kind)
+    try:
+        server = await serve(app, svc, "127.0.0.1", port, ready_timeout=30, **_UVICORN)
+        print(f"listening {server.port}", flush=True)
+        await stop.wait()
+        await server.aclose(5)
+    finally:
+        await svc.aclose()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    if args.patches:
+        import patches
+
+        patches.apply(args.patches.split(","))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.kind == "plain":
+        await _serve_uvicorn(args.port, None, stop)
+    elif args.kind == "mtls":
+        await _serve_uvicorn(args.port, fetch_pem(args.agent, "api"), stop)
+    elif args.kind in ("native-intentions", "native-agent"):
+        await _serve_native(args.port, args.agent, args.kind.split("-", 1)[1], stop)
+    else:
+        raise SystemExit(f"unknown kind {args.kind}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--agent", default="")
+    parser.add_argument("--profile", default="")
+    parser.add_argument("--patches", default="", help="comma-separated names from patches.py")
+    args = parser.parse_args()
+    if not args.profile:
+        asyncio.run(_main(args))
+        return
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    try:
+        asyncio.run(_main(args))
+    finally:
+        profiler.stop()
+        Path(args.profile).write_text(
+            profiler.output_text(unicode=False, color=False, show_all=False, timeline=False)
+        )
+
+
+if __name__ == "__main__":
+    main()

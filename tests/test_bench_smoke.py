@@ -1,0 +1,47 @@
+"""The benchmark harness runs end to end at tiny sizes (so it cannot rot).
+
+The numbers are not judged here: benchmarks are not pass/fail. What must hold is that
+the one command runs, measures the native path in both modes without failed requests,
+runs the micro-benchmarks and the rotation, and writes its JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(150)
+def test_smoke_run_measures_native_path_and_writes_results(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        timeout=140,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for mode in ("conn", "keep"):
+        for name in ("plain", "mtls", "native-intentions", "native-agent"):
+            runs = results["raw"][mode][name]
+            assert runs, (mode, name)
+            assert all(r["requests"] > 0 for r in runs), (mode, name, runs)
+            assert all(r["failures"] == 0 for r in runs), (mode, name, runs)
+    rotation = results["rotation"]["conn"]
+    assert rotation["requests"] > 0
+    assert rotation["failures"] == 0
+    micro = results["micro"]
+    assert micro["authz"]["10"]["authorizer_decide"]["median_us"] > 0
+    scale = micro["scale_agent-pool"]
+    assert scale["ready"] == scale["services"]
+    assert scale["roots_watch_hubs"] == 1
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Targets" in text
+    assert "native-intentions" in text
