@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -62,7 +63,7 @@ class _Report:
         try:
             yield detail
         except Exception as exc:
-            self.say(f"{_RED}✗ {name}: {exc!r}{_RESET}")
+            self.say(f"{_RED}✗ {name}: {exc}{_RESET}")
             raise
         took = time.perf_counter() - started
         self.steps.append(_Step(name, took, "; ".join(detail)))
@@ -125,6 +126,14 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
     from consul_connect.service import Service
 
     dev = None
+    # On the embedded agent the services are plainly "api" and "web". On a real agent
+    # they get unique names, so the demo's intentions and config entries can never touch
+    # real services, and are removed afterwards.
+    api_name, web_name = "api", "web"
+    if agent_addr is not None:
+        suffix = secrets.token_hex(3)
+        api_name, web_name = f"demo-api-{suffix}", f"demo-web-{suffix}"
+    api_url = f"https://{api_name}.service.consul"
     if agent_addr is None:
         from consul_connect.devagent import DevAgent
 
@@ -134,7 +143,7 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
             d.append(f"Consul-compatible HTTP API on {dev.http_addr}")
     else:
         cfg = AgentConfig.from_env()
-        report.say(f"using the Consul agent at {cfg.base_url}")
+        report.say(f"using the Consul agent at {cfg.base_url} (services {api_name}, {web_name})")
         try:
             async with httpx.AsyncClient(base_url=cfg.base_url, timeout=5) as probe:
                 (await probe.get("/v1/status/leader")).raise_for_status()
@@ -147,8 +156,8 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
     server = None
     try:
         async with report.step("start two Connect-native services: api (ASGI) and web") as d:
-            api = Service("api", agent=cfg, register=True, port=port, address="127.0.0.1")
-            web = Service("web", agent=cfg)
+            api = Service(api_name, agent=cfg, register=True, port=port, address="127.0.0.1")
+            web = Service(web_name, agent=cfg)
             await api.wait_ready_async(30)
             await web.wait_ready_async(30)
             server = await serve(_api_app, api, "127.0.0.1", port)
@@ -163,7 +172,7 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
 
         async with report.step("web calls api by name over mutual TLS") as d:
             await _wait(lambda: bool(api.statistics().ready), 30, "api to be ready")
-            r = await _retry_get(client, "https://api.service.consul/hello", 15)
+            r = await _retry_get(client, f"{api_url}/hello", 15)
             caller = r.json()["caller"]
             if r.status_code != 200 or caller != web.identity.uri:
                 raise DemoFailed(f"unexpected answer {r.status_code} {r.text}")
@@ -173,7 +182,7 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
         async with report.step(
             "intention web -> api set to deny: refused, open connection cut"
         ) as d:
-            reader, writer = await web.open_connection("api.service.consul", timeout=10)
+            reader, writer = await web.open_connection(api_name, timeout=10)
             writer.write(b"GET /hello HTTP/1.1\r\nHost: api\r\n\r\n")
             await writer.drain()
             first = b""
@@ -186,7 +195,7 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
                 raise DemoFailed("the long-lived connection did not work before the deny")
             r = await admin.put(
                 "/v1/connect/intentions/exact",
-                params={"source": "web", "destination": "api"},
+                params={"source": web_name, "destination": api_name},
                 json={"Action": "deny"},
             )
             r.raise_for_status()
@@ -202,7 +211,7 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
             writer.close()
             d.append("the connection web had open was closed by api")
             try:
-                r = await client.get("https://api.service.consul/hello")
+                r = await client.get(f"{api_url}/hello")
             except httpx.HTTPError as exc:
                 d.append(f"next call refused: {type(exc).__name__}")
             else:
@@ -213,17 +222,17 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
         async with report.step("L7 intention: GET allowed, POST denied (same connection)") as d:
             r = await admin.put(
                 "/v1/config",
-                json={"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
+                json={"Kind": "service-defaults", "Name": api_name, "Protocol": "http"},
             )
             r.raise_for_status()
             r = await admin.put(
                 "/v1/config",
                 json={
                     "Kind": "service-intentions",
-                    "Name": "api",
+                    "Name": api_name,
                     "Sources": [
                         {
-                            "Name": "web",
+                            "Name": web_name,
                             "Permissions": [
                                 {
                                     "Action": "allow",
@@ -242,12 +251,19 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
                 return dec.allowed
 
             await _wait(l7, 15, "the L7 rule to reach api")
-            got = await _retry_get(client, "https://api.service.consul/orders", 15)
-            posted = await client.post("https://api.service.consul/orders", json={"n": 1})
-            if got.status_code != 200 or posted.status_code != 403:
-                raise DemoFailed(f"GET {got.status_code}, POST {posted.status_code}")
+            got = await _retry_get(client, f"{api_url}/orders", 15)
+            posted = await client.post(f"{api_url}/orders", json={"n": 1})
+            again = await client.get(f"{api_url}/orders")
+            if (got.status_code, posted.status_code, again.status_code) != (200, 403, 200):
+                raise DemoFailed(
+                    f"GET {got.status_code}, POST {posted.status_code}, GET {again.status_code}"
+                )
+            streams = {id(_tls_of(r)) for r in (got, posted, again)}
             d.append(f"GET /orders -> {got.status_code}")
             d.append(f"POST /orders -> {posted.status_code} ({posted.text.strip()})")
+            d.append(f"GET /orders -> {again.status_code}")
+            if len(streams) == 1:
+                d.append("all three on one keep-alive connection: judged per request")
 
         if dev is not None:
             async with report.step("CA root rotation while web keeps calling") as d:
@@ -261,7 +277,7 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
                     nonlocal failures, calls
                     while not stop.is_set() and calls < 20000:
                         try:
-                            r = await client.get("https://api.service.consul/hello")
+                            r = await client.get(f"{api_url}/hello")
                             if r.status_code != 200:
                                 failures += 1
                         except httpx.HTTPError:
@@ -294,8 +310,18 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
                 d.append(f"root {old_root[:11]}… -> {new_root[:11]}… (cross-signed)")
                 d.append(f"api leaf {old_serial} -> {api.statistics().leaf_serial}")
                 d.append(f"{calls} calls during the rotation, 0 failed")
+        else:
+            report.say(
+                "- CA root rotation skipped: it would rotate the real cluster's CA "
+                "(run without CONSUL_HTTP_ADDR to see it on the embedded agent)"
+            )
         await client.aclose()
     finally:
+        if dev is None:
+            # Leave nothing behind on a real agent (the names are the demo's own).
+            for kind in ("service-intentions", "service-defaults"):
+                with contextlib.suppress(httpx.HTTPError):
+                    await admin.delete(f"/v1/config/{kind}/{api_name}")
         if server is not None:
             await server.aclose()
         for svc in (web, api):
@@ -304,6 +330,12 @@ async def _demo(report: _Report, agent_addr: str | None) -> None:
         await admin.aclose()
         if dev is not None:
             await asyncio.to_thread(dev.stop)
+
+
+def _tls_of(response: httpx.Response) -> object:
+    """The TLS object of the connection that carried ``response``."""
+    stream = response.extensions.get("network_stream")
+    return stream.get_extra_info("ssl_object") if stream is not None else response
 
 
 async def _retry_get(client: httpx.AsyncClient, url: str, timeout: float) -> httpx.Response:
@@ -331,7 +363,8 @@ def run_demo(json_output: bool = False) -> int:
         if json_output:
             print(json.dumps({"ok": False, "error": str(exc), "seconds": round(total, 3)}))
         else:
-            print(f"\n{_RED}demo failed: {exc!r}{_RESET}", file=sys.stderr)
+            what = str(exc) if isinstance(exc, DemoFailed) else f"{type(exc).__name__}: {exc}"
+            print(f"\n{_RED}demo failed: {what}{_RESET}", file=sys.stderr)
         return 1
     total = time.perf_counter() - started
     if json_output:

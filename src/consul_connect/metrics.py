@@ -15,8 +15,9 @@ Exposed (every series carries a ``service`` label):
                                                    open connections closed after an
                                                    intention change), ``failed`` (TLS or
                                                    identity check)
-``consul_connect_authz_decisions_total``           authorizer decisions; ``decision`` is
-``{decision,reason}``                              ``allow``/``deny``, ``reason`` a short
+``consul_connect_authz_decisions_total``           authorizer decisions about peers and
+``{decision,reason}``                              (L7) single requests; ``decision`` is
+                                                   ``allow``/``deny``, ``reason`` a short
                                                    class (see :func:`reason_label`)
 ``consul_connect_leaf_rotations_total``            new leaf certificates after the first
 ``consul_connect_roots_changes_total``             CA root set changes
@@ -230,6 +231,11 @@ class Instrumentation:
             else:
                 m.handshakes.labels(name, "denied").inc()
                 m.decisions.labels(name, "deny", reason_label(event.reason)).inc()
+        elif event.kind == "request_denied":
+            # One request refused by L7 intentions; its connection stays open, so this is
+            # a decision but not a refused handshake. (str(): services that predate the
+            # event kind never emit it.)
+            m.decisions.labels(name, "deny", reason_label(event.reason)).inc()
         elif event.kind == "leaf_rotated":
             m.rotations.labels(name).inc()
         elif event.kind == "roots_changed":

@@ -67,7 +67,9 @@ __all__ = [
 
 log = logging.getLogger("consul_connect")
 
-EventKind = Literal["leaf_rotated", "roots_changed", "peer_allowed", "peer_denied", "watch_error"]
+EventKind = Literal[
+    "leaf_rotated", "roots_changed", "peer_allowed", "peer_denied", "request_denied", "watch_error"
+]
 EventHook = Callable[["ServiceEvent"], None]
 
 _LEAF_WAIT = 300.0
@@ -120,6 +122,7 @@ class ServiceStatistics:
     rejected_by_reason: dict[str, int]
     dialed: int
     dial_failures: int
+    requests_denied: int
     leaf_rotations: int
     roots_changes: int
     watch_errors: int
@@ -133,6 +136,7 @@ class _Counters:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     dialed: int = 0
     dial_failures: int = 0
+    requests_denied: int = 0
     leaf_rotations: int = 0
     roots_changes: int = 0
     watch_errors: int = 0
@@ -425,6 +429,7 @@ class Service:
             rejected_by_reason=dict(c.rejected_by_reason),
             dialed=c.dialed,
             dial_failures=c.dial_failures,
+            requests_denied=c.requests_denied,
             leaf_rotations=c.leaf_rotations,
             roots_changes=c.roots_changes,
             watch_errors=c.watch_errors,
@@ -672,6 +677,15 @@ class Service:
         self._counters.accepted += 1
         self._emit(ServiceEvent("peer_allowed", self.name, peer=identity, reason=decision.reason))
         return identity
+
+    def deny_request(self, identity: ServiceIdentity, reason: str) -> None:
+        """Count and report one request refused by L7 intentions (its connection stays open).
+
+        Integrations call this; it is reported as a ``request_denied`` event.
+        """
+        self._counters.requests_denied += 1
+        log.info("service %s refused a request from %s: %s", self.name, identity.uri, reason)
+        self._emit(ServiceEvent("request_denied", self.name, peer=identity, reason=reason))
 
     def _reject(self, identity: ServiceIdentity | None, reason: str) -> None:
         c = self._counters

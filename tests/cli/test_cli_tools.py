@@ -384,3 +384,30 @@ def test_doctor_names_missing_token_rights(cli: Run, start_agent: Callable[..., 
     checks = {c["name"]: c for c in bogus.json()["checks"]}
     assert checks["token"]["status"] == "fail"
     assert "not known to the agent" in checks["token"]["detail"]
+
+
+def test_intention_commands_print_one_json_document_each(cli: Run, addr: list[str]) -> None:
+    created = cli("intention", "create", "web", "api", "--deny", "--json", *addr)
+    assert created.code == 0
+    assert created.json() == {
+        "source": "web",
+        "destination": "api",
+        "action": "deny",
+        "created": True,
+    }
+    got = cli("intention", "get", "web", "api", "--json", *addr).json()
+    assert (got["source"], got["destination"], got["action"]) == ("web", "api", "deny")
+    assert got["permissions"] == [] and isinstance(got["precedence"], int)
+    deleted = cli("intention", "delete", "web", "api", "--json", *addr)
+    assert (deleted.code, deleted.json()) == (
+        0,
+        {"source": "web", "destination": "api", "deleted": True},
+    )
+    assert cli("intention", "list", "--json", *addr).json() == []
+
+
+def test_doctor_warns_about_a_service_without_instances(cli: Run, addr: list[str]) -> None:
+    res = cli("doctor", "--service", "nope", "--json", *addr)
+    checks = {c["name"]: c for c in res.json()["checks"]}
+    assert checks["discovery"]["status"] in ("warn", "fail")
+    assert "nope" in checks["discovery"]["detail"]

@@ -24,6 +24,7 @@ __all__ = [
     "Mesh",
     "RecordingApp",
     "allow",
+    "apply_get_only",
     "deny",
     "get_only",
     "mesh",
@@ -164,6 +165,15 @@ def get_only(http: httpx.Client, source: str, destination: str) -> None:
         },
     )
     assert r.status_code == 200, r.text
+
+
+async def apply_get_only(http: httpx.Client, caller: Service, server: Service) -> None:
+    """Write :func:`get_only` for ``caller`` => ``server`` and wait until ``server`` applies it."""
+    get_only(http, caller.name, server.name)
+    await wait_until_async(
+        lambda: not server.authorize_request(caller.identity, "POST", "/x", []).allowed,
+        what="L7 intention applied",
+    )
 
 
 def rotate_ca(http: httpx.Client) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
-from aiohttp import ClientError, web
+from aiohttp import ClientError, ClientTimeout, web
 
 from consul_connect.agent.config import AgentConfig
 from consul_connect.devagent import DevAgent
@@ -306,3 +308,140 @@ async def test_agent_authorizer_admits_allowed_and_refuses_denied_callers(
     finally:
         for s in (api, web_svc, evil):
             await s.aclose()
+
+
+def _leaf_sha256(service: Service) -> str:
+    pem = service.client_context.current.leaf.cert_pem  # type: ignore[attr-defined]
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+async def test_pooled_connection_is_replaced_after_rotation_with_zero_failures(
+    start_agent: Callable[..., DevAgent],
+) -> None:
+    agent = start_agent(leaf_root_change_jitter=0.0)
+    cfg = AgentConfig.from_address(agent.address)
+    api, web_svc = Service("api", agent=cfg), Service("web", agent=cfg)
+    app = App()
+    try:
+        await api.wait_ready_async(10)
+        await web_svc.wait_ready_async(10)
+        async with await serve(app.app, api) as server:
+            register(agent, "api", server.port)
+            old_web = web_svc.statistics().leaf_serial
+            old_api = api.statistics().leaf_serial
+            failures: list[BaseException] = []
+            certs: list[str] = []
+            # Keep-alive on, one connection at a time: without retirement every request
+            # would ride the first connection, dialled with web's old leaf.
+            async with connect_session(
+                web_svc, max_connection_age=None, connector_kwargs={"limit": 1}
+            ) as session:
+                for _ in range(3):
+                    async with session.get("https://api.service.consul/warm") as resp:
+                        certs.append((await resp.text()).split()[1])
+                r = httpx.put(
+                    f"{agent.http_addr}/v1/connect/ca/configuration",
+                    json={"Provider": "consul", "Config": {"PrivateKeyBits": 384}},
+                )
+                assert r.status_code == 200, r.text
+                deadline = time.monotonic() + 15
+                after = 0
+                while after < 5 and time.monotonic() < deadline:
+                    try:
+                        async with session.get("https://api.service.consul/tick") as resp:
+                            assert resp.status == 200
+                            certs.append((await resp.text()).split()[1])
+                    except (ClientError, AssertionError) as exc:
+                        failures.append(exc)
+                    rotated = (
+                        web_svc.statistics().leaf_serial != old_web
+                        and api.statistics().leaf_serial != old_api
+                    )
+                    after += rotated
+                    await asyncio.sleep(0.01)
+        assert failures == []
+        assert after == 5, "the rotation did not reach both services in time"
+        assert len(set(certs[:3])) == 1
+        # The last requests ran on a connection dialled with web's new leaf.
+        assert certs[-1] == _leaf_sha256(web_svc) != certs[0]
+    finally:
+        await web_svc.aclose()
+        await api.aclose()
+
+
+async def test_pooled_connection_to_an_instance_that_left_the_catalog_is_dropped(
+    mesh: dict[str, Any],
+) -> None:
+    agent, api, web_svc = mesh["agent"], mesh["api"], mesh["web"]
+    other_app = App()
+    other = await serve(other_app.app, api)
+    apps = {mesh["server"].port: mesh["app"], other.port: other_app}
+    try:
+        with httpx.Client(base_url=agent.http_addr) as http:
+            # Replace the fixture's registration (ID "api") with one per instance.
+            assert http.put("/v1/agent/service/deregister/api").status_code == 200
+            for port in apps:
+                r = http.put(
+                    "/v1/agent/service/register",
+                    json={
+                        "Name": "api",
+                        "ID": f"api-{port}",
+                        "Port": port,
+                        "Address": "127.0.0.1",
+                        "Connect": {"Native": True},
+                    },
+                )
+                assert r.status_code == 200, r.text
+            async with connect_session(web_svc, connector_kwargs={"limit": 1}) as session:
+                async with session.get("https://api.service.consul/first") as resp:
+                    assert resp.status == 200
+                used = next(p for p, a in apps.items() if a.calls)
+                spare = next(p for p in apps if p != used)
+                r = http.put(f"/v1/agent/service/deregister/api-{used}")
+                assert r.status_code == 200, r.text
+                deadline = time.monotonic() + 5
+                while not apps[spare].calls:
+                    assert time.monotonic() < deadline, "kept using the removed instance"
+                    async with session.get("https://api.service.consul/next") as resp:
+                        assert resp.status == 200
+                served = len(apps[used].calls)
+                for _ in range(5):
+                    async with session.get("https://api.service.consul/more") as resp:
+                        assert resp.status == 200
+        assert len(apps[used].calls) == served
+        assert len(apps[spare].calls) >= 6
+    finally:
+        await other.aclose()
+
+
+async def test_connect_and_read_timeouts_are_honoured(mesh: dict[str, Any]) -> None:
+    agent, web_svc = mesh["agent"], mesh["web"]
+    release = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    slow = web.Application()
+    slow.router.add_get("/", stall)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        register(agent, "silent", silent.getsockname()[1])
+        async with await serve(slow, mesh["api"]) as slow_server:
+            register(agent, "slow", slow_server.port)
+            try:
+                timeout = ClientTimeout(sock_connect=0.5, sock_read=0.5)
+                async with connect_session(web_svc, timeout=timeout) as session:
+                    started = time.monotonic()
+                    with pytest.raises(ClientError):
+                        async with session.get("https://silent.service.consul/"):
+                            pass
+                    assert time.monotonic() - started < 2.0
+                    started = time.monotonic()
+                    with pytest.raises((ClientError, TimeoutError)):
+                        async with session.get("https://slow.service.consul/") as resp:
+                            await resp.read()
+                    assert time.monotonic() - started < 2.0
+            finally:
+                release.set()

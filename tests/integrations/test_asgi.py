@@ -4,8 +4,10 @@ authorized before HTTP is parsed, the caller is in the scope, L7 intentions per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -23,9 +25,9 @@ from consul_connect.tls import DynamicServerContext
 from tests.integrations import (
     Mesh,
     RecordingApp,
+    apply_get_only,
     decided,
     deny,
-    get_only,
     mesh,
     wait_until_async,
 )
@@ -80,11 +82,7 @@ async def test_client_without_a_certificate_gets_no_application_bytes(mesh: Mesh
 async def test_l7_denied_request_gets_403_while_get_works_on_the_same_connection(
     mesh: Mesh,
 ) -> None:
-    get_only(mesh.http, "web", "api")
-    await wait_until_async(
-        lambda: not mesh.api.authorize_request(mesh.web.identity, "POST", "/x", []).allowed,
-        what="L7 intention applied",
-    )
+    await apply_get_only(mesh.http, mesh.web, mesh.api)
     async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
         first = await client.get("https://api.service.consul/items")
         denied = await client.post("https://api.service.consul/items", content=b"x" * 1000)
@@ -149,6 +147,10 @@ class _Decider:
     def __init__(self, allowed: bool) -> None:
         self.allowed = allowed
         self.seen: list[tuple[str, str]] = []
+        self.denied: list[str] = []
+
+    def deny_request(self, identity: Any, reason: str) -> None:
+        self.denied.append(reason)
 
     def authorize_request(self, identity: Any, method: str, path: str, headers: Any) -> Any:
         self.seen.append((method, path))
@@ -193,6 +195,7 @@ async def test_middleware_authorizes_the_normalized_path() -> None:
     mw = IntentionsMiddleware(RecordingApp(), decider)  # type: ignore[arg-type]
     sent = await _call(mw, _scope("/public/../admin"))
     assert decider.seen == [("GET", "/admin")]
+    assert decider.denied == ["Matched L7 intention: web => api, Permissions[0] (DENY)"]
     assert sent[0]["status"] == 403
     body = sent[1]["body"].decode()
     assert body.startswith("Forbidden by Consul intentions:")
@@ -243,3 +246,94 @@ async def test_agent_authorizer_decides_each_connection_before_http_is_read(
         await server.aclose()
         await admin.aclose()
         await billing.aclose()
+
+
+async def test_a_starlette_app_is_served_with_the_caller_in_its_request_scope(
+    mesh: Mesh,
+) -> None:
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from consul_connect.agent.config import AgentConfig
+    from consul_connect.integrations.asgi import peer_identity_from_scope
+    from consul_connect.service import Service
+    from tests.integrations import register
+
+    async def whoami(request: Request) -> JSONResponse:
+        peer = peer_identity_from_scope(request.scope)
+        ext = request.scope["extensions"][EXTENSION_KEY]
+        return JSONResponse(
+            {"peer": peer.service if peer else None, "uri": ext["peer_uri"], "m": request.method}
+        )
+
+    started: list[bool] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        started.append(True)
+        yield
+
+    app = Starlette(routes=[Route("/whoami", whoami, methods=["GET", "POST"])], lifespan=lifespan)
+    shop = Service("shop", agent=AgentConfig.from_address(mesh.agent.address))
+    server = await serve(app, shop, ready_timeout=10)
+    try:
+        register(mesh.http, "shop", server.port)
+        await apply_get_only(mesh.http, mesh.web, shop)
+        async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+            got = await client.get("https://shop.service.consul/whoami")
+            posted = await client.post("https://shop.service.consul/whoami")
+        assert started == [True]  # the app's lifespan ran
+        assert got.status_code == 200
+        assert got.json() == {"peer": "web", "uri": mesh.web.identity.uri, "m": "GET"}
+        assert posted.status_code == 403
+    finally:
+        await server.aclose()
+        await shop.aclose()
+
+
+async def test_http_connections_advertise_no_alpn(mesh: Mesh) -> None:
+    # uvicorn and the httpx transports speak HTTP/1.1 only: neither side may offer h2.
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        r = await client.get("https://api.service.consul/")
+    ssl_obj = r.extensions["network_stream"].get_extra_info("ssl_object")
+    assert ssl_obj.selected_alpn_protocol() is None
+    h2 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    h2.check_hostname = False
+    h2.verify_mode = ssl.CERT_NONE
+    h2.set_alpn_protocols(["h2"])
+    leaf = mesh.web.client_context.current.leaf  # type: ignore[attr-defined]
+    from consul_connect.tls import load_cert_chain_from_memory
+
+    load_cert_chain_from_memory(h2, leaf.full_chain_pem, leaf.private_key_pem)
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", mesh.server.port, ssl=h2, server_hostname=""
+    )
+    try:
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() is None
+    finally:
+        writer.transport.abort()
+
+
+async def test_l7_denied_requests_are_counted_as_deny_decisions(mesh: Mesh) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry
+
+    from consul_connect.metrics import instrument
+
+    registry = CollectorRegistry()
+    handle = instrument(mesh.api, registry)
+    try:
+        await apply_get_only(mesh.http, mesh.web, mesh.api)
+        async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+            assert (await client.get("https://api.service.consul/a")).status_code == 200
+            assert (await client.post("https://api.service.consul/a")).status_code == 403
+            assert (await client.post("https://api.service.consul/b")).status_code == 403
+    finally:
+        handle.close()
+    labels = {"service": "api", "decision": "deny", "reason": "l7_intention"}
+    assert registry.get_sample_value("consul_connect_authz_decisions_total", labels) == 2
+    allowed = {"service": "api", "result": "allowed"}
+    assert registry.get_sample_value("consul_connect_handshakes_total", allowed) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -328,3 +329,45 @@ def test_agent_authorizer_decides_calls_through_the_agent(agent: DevAgent) -> No
         server.stop(None).wait(5)
         for s in (api, web, evil):
             s.close()
+
+
+def test_grpc_connections_negotiate_h2_and_http_ones_do_not(mesh: Mesh) -> None:
+    from consul_connect.integrations.grpc import _h2_context
+
+    web = mesh["web"]
+    endpoint = Endpoint("127.0.0.1", mesh.port, mesh["api"].identity)
+    # The channel's bridge dials with an h2-only context; the gRPC server agrees on h2.
+    with (
+        socket.create_connection(("127.0.0.1", mesh.port), timeout=5) as raw,
+        _h2_context(web).wrap_socket(raw, server_hostname=None) as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+    # The Service's own contexts (used for HTTP/1.1 and raw TCP) offer no ALPN at all.
+    with web.connect(endpoint, timeout=5) as sock:
+        assert sock.selected_alpn_protocol() is None
+
+
+def test_server_recycles_old_connections_without_failing_calls(agent: DevAgent) -> None:
+    cfg = AgentConfig.from_address(agent.address)
+    api, web = Service("api", agent=cfg), Service("web", agent=cfg)
+    recorder = Recorder()
+    server = connect_server(api, max_connection_age=0.3)
+    try:
+        api.wait_ready(10)
+        web.wait_ready(10)
+        server.add_generic_rpc_handlers((recorder.handler(),))
+        register(agent, "api", add_connect_port(server, api, "127.0.0.1:0"))
+        server.start()
+        with connect_channel(web, "api") as channel:
+            deadline = time.monotonic() + 10
+            calls = 0
+            while channel.connections < 3:
+                assert time.monotonic() < deadline, "the server never recycled a connection"
+                assert call(channel).startswith(b"web ")  # no call may fail meanwhile
+                calls += 1
+                time.sleep(0.02)
+        assert len(recorder.calls) == calls
+    finally:
+        server.stop(None).wait(5)
+        web.close()
+        api.close()

@@ -12,9 +12,22 @@ import pytest
 import requests
 
 from consul_connect.errors import DialError, NoInstancesError, ServerIdentityError
+from consul_connect.integrations.asgi import serve
 from consul_connect.integrations.requests import ConnectAdapter
 from consul_connect.service import Service
-from tests.integrations import Mesh, mesh, register, rotate_ca, unused_port, wait_until
+from tests.integrations import (
+    Mesh,
+    RecordingApp,
+    apply_get_only,
+    decided,
+    deny,
+    mesh,
+    register,
+    rotate_ca,
+    unused_port,
+    wait_until,
+    wait_until_async,
+)
 
 __all__ = ["mesh"]
 
@@ -180,3 +193,70 @@ async def test_ca_rotation_under_traffic_fails_no_request(mesh: Mesh) -> None:
     assert set(statuses) == {200}
     # New connections were made after the rotation: the app saw a new client port.
     assert len({s["client"] for s in mesh.app.scopes}) >= 2
+
+
+async def test_denied_caller_is_refused_at_connect(mesh: Mesh) -> None:
+    deny(mesh.http, "web", "api")
+    await wait_until_async(decided(mesh.api, mesh.web.identity, False), what="deny applied")
+
+    def call() -> None:
+        session, _ = _session(mesh.web)
+        with session, pytest.raises(requests.ConnectionError):
+            session.get("https://api.service.consul/secret", timeout=5)
+
+    await asyncio.to_thread(call)
+    assert mesh.app.calls == 0
+    assert mesh.api.statistics().rejected >= 1
+
+
+async def test_l7_denied_request_gets_403_while_get_works_on_the_same_connection(
+    mesh: Mesh,
+) -> None:
+    await apply_get_only(mesh.http, mesh.web, mesh.api)
+
+    def call() -> list[requests.Response]:
+        session, _ = _session(mesh.web)
+        with session:
+            return [
+                session.get("https://api.service.consul/items", timeout=5),
+                session.post("https://api.service.consul/items", data=b"x" * 100, timeout=5),
+                session.get("https://api.service.consul/items/1", timeout=5),
+            ]
+
+    first, denied, again = await asyncio.to_thread(call)
+    assert (first.status_code, denied.status_code, again.status_code) == (200, 403, 200)
+    assert "Permissions[1]" in denied.text
+    assert [s["method"] for s in mesh.app.scopes] == ["GET", "GET"]
+    # Both allowed requests came from one client port: one keep-alive connection.
+    assert len({s["client"] for s in mesh.app.scopes}) == 1
+
+
+async def test_pool_of_an_instance_that_left_the_catalog_is_closed(mesh: Mesh) -> None:
+    other_app = RecordingApp()
+    other = await serve(other_app, mesh.api)
+    try:
+        register(mesh.http, "api", other.port, "api-2")
+
+        def traffic() -> set[int]:
+            session, adapter = _session(mesh.web)
+            with session:
+                for _ in range(8):
+                    assert session.get("https://api.service.consul/", timeout=5).ok
+                assert mesh.server.port in {k[1] for k in adapter._pools.entries}
+                r = mesh.http.put("/v1/agent/service/deregister/api-1")
+                assert r.status_code == 200, r.text
+                # Discovery follows the catalog through a watch; each request re-resolves.
+                deadline = time.monotonic() + 5
+                while mesh.server.port in {k[1] for k in adapter._pools.entries}:
+                    assert time.monotonic() < deadline, "pool of the removed instance kept"
+                    assert session.get("https://api.service.consul/", timeout=5).ok
+                served_before = mesh.app.calls
+                for _ in range(6):
+                    assert session.get("https://api.service.consul/", timeout=5).ok
+                assert mesh.app.calls == served_before
+                return {k[1] for k in adapter._pools.entries}
+
+        assert await asyncio.to_thread(traffic) == {other.port}
+    finally:
+        other_app.release.set()
+        await other.aclose()

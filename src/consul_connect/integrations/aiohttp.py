@@ -28,23 +28,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BaseConnector, ClientSession, web
 from aiohttp.typedefs import Middleware
 
-from consul_connect.authz.intentions import Decision
 from consul_connect.discovery import Endpoint
-from consul_connect.errors import (
-    ConfigError,
-    DialError,
-    PeerRejected,
-    ServerIdentityError,
-)
+from consul_connect.errors import ConfigError, ConsulConnectError, PeerRejected
 from consul_connect.identity import ServiceIdentity
+from consul_connect.integrations._common import (
+    EndpointKey,
+    endpoint_key,
+    material_token,
+    request_denied,
+    try_endpoints,
+)
+from consul_connect.integrations.httpx import DEFAULT_MAX_CONNECTION_AGE
 from consul_connect.service import Service
 from consul_connect.tls import HANDSHAKE_TIMEOUT, peer_identity, verify_server_identity
 
@@ -52,6 +56,7 @@ if TYPE_CHECKING:
     from aiohttp import ClientTimeout
     from aiohttp.client_proto import ResponseHandler
     from aiohttp.client_reqrep import ClientRequest
+    from aiohttp.connector import Connection
     from aiohttp.tracing import Trace
 
 __all__ = [
@@ -85,24 +90,17 @@ _MAX_PENDING = 256 * 1024
 _identities: weakref.WeakKeyDictionary[Any, ServiceIdentity] = weakref.WeakKeyDictionary()
 
 
-# ------------------------------------------------------------------------------ decisions
-
-
-def _is_l7_denial(decision: Decision) -> bool:
-    """True when the connection-level denial only means "decide per request"."""
-    ixn = decision.intention
-    return not decision.allowed and ixn is not None and bool(ixn.permissions)
-
-
-def _admit_l7(decision: Decision, l7: bool) -> Decision:
-    """An intention with L7 permissions denies at L4 (as Consul's authorize does); an
-    application that runs :func:`connect_middleware` judges it per request instead."""
-    if l7 and _is_l7_denial(decision):
-        return Decision(True, f"{decision.reason} (enforced per request)", decision.intention)
-    return decision
-
-
 # -------------------------------------------------------------------------------- client
+
+
+@dataclass(eq=False)
+class _Pooled:
+    """Where one client connection goes and what it was dialled with."""
+
+    host: str
+    endpoint: EndpointKey
+    material: object
+    created: float
 
 
 class ConnectConnector(BaseConnector):
@@ -113,6 +111,11 @@ class ConnectConnector(BaseConnector):
     gives it). Every new connection presents ``service``'s newest leaf; the server must
     present the identity discovery expects, checked before any request byte is written.
     Instances that refuse, stall or present another identity are skipped.
+
+    Pooled keep-alive connections are not reused once the Service's leaf or roots
+    changed, once they are older than ``max_connection_age`` seconds (None: no limit),
+    or once their instance left the discovery answer: idle ones are closed, busy ones
+    when their response is released.
 
     ``dial_timeout`` bounds discovery plus all attempts (each TCP connect + handshake is
     also bounded by the session's ``sock_connect`` timeout when set). Raises
@@ -125,15 +128,61 @@ class ConnectConnector(BaseConnector):
     (``limit``, ``keepalive_timeout``, ``force_close`` ...).
     """
 
-    def __init__(self, service: Service, *, dial_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        dial_timeout: float = 10.0,
+        max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._service = service
         self._dial_timeout = dial_timeout
+        self._max_age = max_connection_age
+        self._pooled: weakref.WeakKeyDictionary[ResponseHandler, _Pooled] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def service(self) -> Service:
         """The Service whose identity this connector presents."""
         return self._service
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: ClientTimeout
+    ) -> Connection:
+        """A pooled connection still fit for use, else a new Connect connection."""
+        host = req.url.raw_host
+        if host and self._pooled:
+            await self._retire_stale(host)
+        return await super().connect(req, traces, timeout)
+
+    async def _retire_stale(self, host: str) -> None:
+        try:
+            endpoints = await self._service.resolve_async(host, timeout=self._dial_timeout)
+        except (ConsulConnectError, TimeoutError):
+            endpoints = []  # nothing to dial either: every pooled connection is stale
+        present = {endpoint_key(ep) for ep in endpoints}
+        material = material_token(self._service)
+        now = time.monotonic()
+        for proto, info in list(self._pooled.items()):
+            if not proto.is_connected():
+                self._pooled.pop(proto, None)
+                continue
+            stale = info.material is not material or (
+                self._max_age is not None and now - info.created >= self._max_age
+            )
+            if info.host == host and info.endpoint not in present:
+                stale = True
+            if not stale:
+                continue
+            self._pooled.pop(proto, None)
+            # A busy connection finishes its response and is then closed on release; an
+            # idle one is closed now, so the pool never hands it out again.
+            proto.force_close()
+            if proto not in self._acquired:
+                proto.close()
 
     async def _create_connection(
         self, req: ClientRequest, traces: list[Trace], timeout: ClientTimeout
@@ -147,18 +196,10 @@ class ConnectConnector(BaseConnector):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._dial_timeout
         await svc.wait_ready_async(self._dial_timeout)
-        endpoints: list[Endpoint] = await svc._runtime.run_async(
-            svc._resolve(host), max(0.1, deadline - loop.time())
-        )
-        failures: list[tuple[str, str]] = []
-        identity_failures = 0
-        for n, ep in enumerate(endpoints):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                failures.append((ep.address, "deadline exceeded before trying"))
-                continue
-            budget = remaining / (len(endpoints) - n) if n < len(endpoints) - 1 else remaining
-            budget = min(remaining, max(budget, 0.25))
+        endpoints = await svc.resolve_async(host, timeout=max(0.1, deadline - loop.time()))
+        material = material_token(svc)
+
+        async def dial(ep: Endpoint, budget: float) -> ResponseHandler:
             if timeout.sock_connect:
                 budget = min(budget, timeout.sock_connect)
             transport: asyncio.BaseTransport | None = None
@@ -173,39 +214,37 @@ class ConnectConnector(BaseConnector):
                         ssl_handshake_timeout=budget,
                     )
                 verify_server_identity(transport, ep.identity)
-            except ServerIdentityError as exc:
-                identity_failures += 1
-                failures.append((ep.address, str(exc)))
+            except BaseException:
                 if transport is not None:
                     transport.abort()  # type: ignore[attr-defined]
-                continue
-            except (TimeoutError, OSError) as exc:
-                failures.append((ep.address, str(exc) or type(exc).__name__))
-                if transport is not None:
-                    transport.abort()  # type: ignore[attr-defined]
-                continue
+                raise
+            self._pooled[proto] = _Pooled(host, endpoint_key(ep), material, time.monotonic())
             return proto
-        detail = "; ".join(f"{a}: {why}" for a, why in failures)
-        msg = f"could not connect to {host!r}: {detail}"
-        if failures and identity_failures == len(failures):
-            raise ServerIdentityError(msg, failures=failures)
-        raise DialError(msg, failures=failures)
+
+        return await try_endpoints(host, endpoints, deadline, dial)
 
 
 def connect_session(
     service: Service,
     *,
     dial_timeout: float = 10.0,
+    max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
     connector_kwargs: dict[str, Any] | None = None,
     **session_kwargs: Any,
 ) -> ClientSession:
     """An ``aiohttp.ClientSession`` whose connections go over Connect mTLS.
 
-    Uses a :class:`ConnectConnector` for ``service`` (``connector_kwargs`` go to it);
+    Uses a :class:`ConnectConnector` for ``service`` (``dial_timeout``,
+    ``max_connection_age`` and ``connector_kwargs`` go to it);
     other keyword arguments go to ``ClientSession``. Call it inside a running event loop
     and close the session (``async with`` or ``await session.close()``).
     """
-    connector = ConnectConnector(service, dial_timeout=dial_timeout, **(connector_kwargs or {}))
+    connector = ConnectConnector(
+        service,
+        dial_timeout=dial_timeout,
+        max_connection_age=max_connection_age,
+        **(connector_kwargs or {}),
+    )
     return ClientSession(connector=connector, **session_kwargs)
 
 
@@ -249,40 +288,43 @@ class _Gate(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         svc = self._service
+        ssl_obj = transport.get_extra_info("ssl_object")
         try:
             identity = peer_identity(transport)
-        except PeerRejected as exc:
-            svc._reject(None, exc.reason)
+        except PeerRejected:
+            with contextlib.suppress(PeerRejected):
+                svc.authorize_peer(ssl_obj)  # counts, logs and reports the refusal
             transport.abort()
             return
-        decision = svc.authorizer.decide(identity)
-        if decision is not None:
-            self._decided(identity, decision)
+        if svc.authorizer.decide(identity) is not None:
+            # Local data decides at once: no task, no pause.
+            try:
+                self._admit(svc.authorize_peer(ssl_obj, per_request_l7=self._l7))
+            except PeerRejected:
+                transport.abort()
             return
         transport.pause_reading()
-        self._task = asyncio.get_running_loop().create_task(self._ask(identity))
+        self._task = asyncio.get_running_loop().create_task(self._ask(ssl_obj))
 
-    async def _ask(self, identity: ServiceIdentity) -> None:
+    async def _ask(self, ssl_obj: Any) -> None:
         svc = self._service
         try:
-            decision = await svc._runtime.run_async(svc.authorizer.authorize(identity), 10.0)
+            identity = await svc.authorize_peer_async(ssl_obj, per_request_l7=self._l7)
         except Exception as exc:  # fail closed on anything, incl. timeouts
-            decision = Decision(False, f"authorization failed: {exc or 'timed out'}")
+            if not isinstance(exc, PeerRejected):
+                log.warning("service %s: authorizing a connection failed: %s", svc.name, exc)
+            if self._transport is not None:
+                self._transport.abort()
+            return
         if self._closed:
             return
-        self._decided(identity, decision)
+        self._admit(identity)
         if self._inner is not None and self._transport is not None:
             self._transport.resume_reading()
 
-    def _decided(self, identity: ServiceIdentity, l4: Decision) -> None:
+    def _admit(self, identity: ServiceIdentity) -> None:
         transport = self._transport
         assert transport is not None
-        decision = _admit_l7(l4, self._l7)
-        try:
-            self._service._apply_decision(identity, decision)
-        except PeerRejected:
-            transport.abort()
-            return
         _identities[transport] = identity
         loop = asyncio.get_running_loop()
 
@@ -290,11 +332,9 @@ class _Gate(asyncio.Protocol):
             # Called from the authorizer's thread when an intention change denies the peer.
             loop.call_soon_threadsafe(transport.abort)
 
-        # The Service re-checks tracked connections at L4 on every intention change, which
-        # would always drop one admitted for per-request (L7) checks; those are instead
-        # re-judged on each request by the middleware.
-        if decision is l4:
-            self._token = self._service._track(identity, close)
+        # A caller admitted for per-request (L7) checks is kept while its intention has
+        # L7 permissions: the middleware judges each of its requests.
+        self._token = self._service.track_connection(identity, close, per_request_l7=self._l7)
         inner = self._factory()
         self._inner = inner
         inner.connection_made(transport)
@@ -330,7 +370,7 @@ class _Gate(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if self._token is not None:
-            self._service._untrack(self._token)
+            self._service.untrack_connection(self._token)
             self._token = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -430,7 +470,7 @@ def connect_middleware(service: Service) -> Middleware:
             identity, request.method, request.rel_url.path_qs, list(request.headers.items())
         )
         if not decision.allowed:
-            service._reject(identity, decision.reason)
+            request_denied(service, identity, decision.reason)
             return web.Response(status=403, text=f"forbidden: {decision.reason}\n")
         request[PEER_KEY] = identity
         return await handler(request)

@@ -43,7 +43,6 @@ import contextlib
 import logging
 import posixpath
 import socket
-import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
@@ -52,6 +51,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
+from consul_connect.integrations._common import request_denied
 from consul_connect.service import Service
 from consul_connect.tls import peer_identity
 
@@ -169,6 +169,8 @@ class IntentionsMiddleware:
         if allowed:
             await self.app(scope, receive, send)
             return
+        if identity is not None:
+            request_denied(self.service, identity, reason)
         log.info(
             "service %s: request %s %s from %s denied: %s",
             self.service.name,
@@ -305,19 +307,6 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
 
 
 # ------------------------------------------------------------------------------ server
-
-
-async def _wait_authorizer(service: Service, timeout: float) -> None:
-    """Wait for the authorizer's first data, so the first callers are not refused.
-
-    Authorizers without a ``wait_ready`` (static ones) are ready at once.
-    """
-    authorizer = service.authorizer
-    waiter = getattr(authorizer, "wait_ready", None)
-    if waiter is None or authorizer.ready:
-        return
-    # The authorizer's watch lives on the Service's runtime loop.
-    await service._runtime.run_async(waiter(timeout), timeout + 1.0)
 
 
 class _Server(uvicorn.Server):
@@ -465,9 +454,9 @@ async def serve(
     ``ready_timeout``.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + ready_timeout
+    # A ready Service also has its authorizer's first data, so early callers are not
+    # refused for want of intentions.
     await service.wait_ready_async(ready_timeout)
-    await _wait_authorizer(service, max(0.1, deadline - loop.time()))
     options = dict(uvicorn_options)
     options.setdefault("log_config", None)
     config = _config(
@@ -521,11 +510,7 @@ def run(
     Same arguments and guarantees as :func:`serve`; uvicorn configures logging as usual.
     The Service is not closed on return: it belongs to the caller.
     """
-    deadline = time.monotonic() + ready_timeout
     service.wait_ready(ready_timeout)
-    service._runtime.run(
-        _wait_authorizer(service, max(0.1, deadline - time.monotonic())), ready_timeout + 2.0
-    )
     config = _config(
         app,
         service,

@@ -52,14 +52,10 @@ import grpc
 import grpc.aio
 
 from consul_connect._runtime import Runtime
-from consul_connect.authz.intentions import Decision
-from consul_connect.errors import (
-    ConsulConnectError,
-    DialError,
-    PeerRejected,
-    ServerIdentityError,
-)
+from consul_connect.discovery import Endpoint
+from consul_connect.errors import ConsulConnectError, DialError, PeerRejected
 from consul_connect.identity import ServiceIdentity
+from consul_connect.integrations._common import current_material, request_denied, try_endpoints
 from consul_connect.service import Service
 from consul_connect.tls import (
     HANDSHAKE_TIMEOUT,
@@ -70,6 +66,7 @@ from consul_connect.tls import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTION_AGE",
     "AioConnectChannel",
     "AioConnectServerInterceptor",
     "ConnectChannel",
@@ -110,13 +107,13 @@ def server_credentials(service: Service, *, timeout: float = 30.0) -> grpc.Serve
     Authorization is *not* part of this: install :class:`ConnectServerInterceptor`.
     """
     service.wait_ready(timeout)
-    first = service._current_material()
+    first = current_material(service)
     last: list[TLSMaterial] = [first]
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         # Runs on a gRPC core thread per handshake: only compare references here.
-        current = service._material
-        if current is None or current is last[0]:
+        current = current_material(service)
+        if current is last[0]:
             return None
         last[0] = current
         return _server_config(current)
@@ -143,39 +140,33 @@ def add_connect_port(server: grpc.Server | grpc.aio.Server, service: Service, ad
 
 
 class _PemPeer:
-    """Just enough of an SSL object for :func:`peer_identity` (a peer's DER leaf)."""
+    """Just enough of an SSL object for the Service's peer checks: the caller's DER leaf
+    (None when the connection carried no client certificate)."""
 
     server_side = True
 
-    def __init__(self, der: bytes) -> None:
+    def __init__(self, der: bytes | None) -> None:
         self._der = der
 
-    def getpeercert(self, binary_form: bool = False) -> bytes:
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
         return self._der
 
 
 @lru_cache(maxsize=2048)
-def _identity_from_pem(pem: bytes) -> ServiceIdentity | str:
-    """The caller's identity in a PEM leaf, or why it is refused (cached per certificate)."""
+def _der(pem: bytes) -> bytes | None:
     try:
-        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+        return ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
     except (ValueError, UnicodeDecodeError):
-        return "peer certificate does not parse"
-    try:
-        return peer_identity(_PemPeer(der))
-    except PeerRejected as exc:
-        return exc.reason
+        return None
 
 
-def _caller(context: Any) -> ServiceIdentity | str:
+def _peer(context: Any) -> _PemPeer:
+    """The caller's certificate, from the call's auth context."""
     auth = context.auth_context() or {}
-    security = auth.get("transport_security_type") or []
-    if b"ssl" not in security:
-        return "connection is not TLS"
+    if b"ssl" not in (auth.get("transport_security_type") or []):
+        return _PemPeer(None)
     pems = auth.get("x509_pem_cert") or []
-    if not pems:
-        return "no client certificate"
-    return _identity_from_pem(bytes(pems[0]))
+    return _PemPeer(_der(bytes(pems[0])) if pems else None)
 
 
 def peer_identity_of(context: Any) -> ServiceIdentity | None:
@@ -184,8 +175,10 @@ def peer_identity_of(context: Any) -> ServiceIdentity | None:
     Returns None when the call did not arrive over Connect mTLS or the certificate holds
     no service identity (an interceptor would have refused such a call).
     """
-    found = _caller(context)
-    return found if isinstance(found, ServiceIdentity) else None
+    try:
+        return peer_identity(_peer(context))
+    except PeerRejected:
+        return None
 
 
 def _headers(metadata: Any) -> list[tuple[str, str]]:
@@ -193,63 +186,38 @@ def _headers(metadata: Any) -> list[tuple[str, str]]:
     return [(str(k), v) for k, v in (metadata or ()) if isinstance(v, str)]
 
 
-def _is_l7_denial(decision: Decision) -> bool:
-    ixn = decision.intention
-    return not decision.allowed and ixn is not None and bool(ixn.permissions)
+def _per_call(service: Service, identity: ServiceIdentity, method: str, md: Any) -> str | None:
+    """The L7 verdict for one call from an admitted caller: None, or the denial text.
 
-
-def _final(
-    service: Service, identity: ServiceIdentity, decision: Decision, method: str, md: Any
-) -> Decision:
-    """Turn a connection decision into the decision for one call.
-
-    Intentions with L7 permissions deny at L4; for gRPC they are judged per call with
-    the method path (``/pkg.Service/Method``) as the HTTP path and ``POST`` as method.
+    gRPC calls are HTTP/2 ``POST`` requests to ``/pkg.Service/Method``; that is what
+    intentions with L7 permissions are matched against (L4 intentions allow every call).
     """
-    if _is_l7_denial(decision):
-        decision = service.authorize_request(identity, "POST", method, _headers(md))
-    if not decision.allowed:
-        service._reject(identity, decision.reason)
-    return decision
-
-
-def _deny_text(decision: Decision) -> str:
+    decision = service.authorize_request(identity, "POST", method, _headers(md))
+    if decision.allowed:
+        return None
+    request_denied(service, identity, decision.reason)
     return f"consul-connect: {decision.reason}"
 
 
 def _sync_check(service: Service, context: Any, method: str, md: Any) -> str | None:
     """None when the call may proceed, else the PERMISSION_DENIED message."""
-    caller = _caller(context)
-    if isinstance(caller, str):
-        service._reject(None, caller)
-        return f"consul-connect: {caller}"
-    decision = service.authorizer.decide(caller)
-    if decision is None:
-        try:
-            decision = service._runtime.run(
-                service.authorizer.authorize(caller), timeout=_AUTHORIZE_TIMEOUT
-            )
-        except Exception as exc:  # fail closed on anything, incl. timeouts
-            decision = Decision(False, f"authorization failed: {exc}")
-    decision = _final(service, caller, decision, method, md)
-    return None if decision.allowed else _deny_text(decision)
+    try:
+        identity = service.authorize_peer(_peer(context), per_request_l7=True)
+    except PeerRejected as exc:
+        return f"consul-connect: {exc.reason}"
+    except Exception as exc:  # fail closed on anything, incl. agent timeouts
+        return f"consul-connect: authorization failed: {exc or type(exc).__name__}"
+    return _per_call(service, identity, method, md)
 
 
 async def _async_check(service: Service, context: Any, method: str, md: Any) -> str | None:
-    caller = _caller(context)
-    if isinstance(caller, str):
-        service._reject(None, caller)
-        return f"consul-connect: {caller}"
-    decision = service.authorizer.decide(caller)
-    if decision is None:
-        try:
-            decision = await service._runtime.run_async(
-                service.authorizer.authorize(caller), timeout=_AUTHORIZE_TIMEOUT
-            )
-        except Exception as exc:  # fail closed on anything, incl. timeouts
-            decision = Decision(False, f"authorization failed: {exc}")
-    decision = _final(service, caller, decision, method, md)
-    return None if decision.allowed else _deny_text(decision)
+    try:
+        identity = await service.authorize_peer_async(_peer(context), per_request_l7=True)
+    except PeerRejected as exc:
+        return f"consul-connect: {exc.reason}"
+    except Exception as exc:  # fail closed on anything, incl. agent timeouts
+        return f"consul-connect: authorization failed: {exc or type(exc).__name__}"
+    return _per_call(service, identity, method, md)
 
 
 def _rebuild(handler: Any, wrap: Callable[[Any], Any]) -> Any:
@@ -351,21 +319,50 @@ class AioConnectServerInterceptor(grpc.aio.ServerInterceptor):
         return _rebuild(handler, wrap)
 
 
+DEFAULT_MAX_CONNECTION_AGE = 300.0
+"""Seconds after which a server asks a client (HTTP/2 GOAWAY) to move to a new connection."""
+
+
+def _server_options(
+    options: Sequence[tuple[str, Any]] | None, max_connection_age: float | None
+) -> list[tuple[str, Any]]:
+    """gRPC options with a bounded connection age, unless the caller set one.
+
+    A connection's TLS session is fixed at its handshake; a bounded age makes clients
+    reconnect (gracefully: GOAWAY, then in-flight calls finish within the grace period)
+    and so meet the current leaf and roots on both sides after a rotation.
+    """
+    opts = list(options or [])
+    names = {k for k, _ in opts}
+    if max_connection_age is not None and "grpc.max_connection_age_ms" not in names:
+        opts.append(("grpc.max_connection_age_ms", int(max_connection_age * 1000)))
+        if "grpc.max_connection_age_grace_ms" not in names:
+            opts.append(("grpc.max_connection_age_grace_ms", 30_000))
+    return opts
+
+
 def connect_server(
     service: Service,
     *,
     executor: futures.ThreadPoolExecutor | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] | None = None,
+    max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
     **kwargs: Any,
 ) -> grpc.Server:
     """A sync ``grpc.Server`` with :class:`ConnectServerInterceptor` as first interceptor.
 
-    ``executor`` defaults to a 16-thread pool; other keyword arguments go to
+    ``executor`` defaults to a 16-thread pool. Connections older than
+    ``max_connection_age`` seconds (None: no limit) are gracefully recycled so both
+    sides pick up rotated certificates. ``options`` and other keyword arguments go to
     ``grpc.server``. Add ports with :func:`add_connect_port`.
     """
     pool = executor if executor is not None else futures.ThreadPoolExecutor(max_workers=16)
     return grpc.server(
-        pool, interceptors=[ConnectServerInterceptor(service), *interceptors], **kwargs
+        pool,
+        interceptors=[ConnectServerInterceptor(service), *interceptors],
+        options=_server_options(options, max_connection_age),
+        **kwargs,
     )
 
 
@@ -373,14 +370,20 @@ def connect_aio_server(
     service: Service,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] | None = None,
+    max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
     **kwargs: Any,
 ) -> grpc.aio.Server:
     """A ``grpc.aio.Server`` with :class:`AioConnectServerInterceptor` first.
 
-    Call it with an event loop running. Other keyword arguments go to ``grpc.aio.server``.
+    Call it with an event loop running. ``max_connection_age`` as for
+    :func:`connect_server`; ``options`` and other keyword arguments go to
+    ``grpc.aio.server``.
     """
     return grpc.aio.server(
-        interceptors=[AioConnectServerInterceptor(service), *interceptors], **kwargs
+        interceptors=[AioConnectServerInterceptor(service), *interceptors],
+        options=_server_options(options, max_connection_age),
+        **kwargs,
     )
 
 
@@ -402,7 +405,7 @@ def _h2_context(service: Service) -> DynamicClientContext:
         svc = ref()
         if svc is None:
             raise DialError("the Service was garbage-collected")
-        base = svc._current_material()
+        base = current_material(svc)
         derived = cache[1]
         if cache[0] is not base or derived is None:
             derived = TLSMaterial.build(base.leaf, base.roots, alpn_protocols=["h2"])
@@ -447,18 +450,14 @@ class _Bridge:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._dial_timeout
         await svc.wait_ready_async(self._dial_timeout)
-        async with asyncio.timeout(max(0.1, deadline - loop.time())):
-            endpoints = await svc._resolve(self._target)
+        endpoints = await svc.resolve_async(
+            self._target, timeout=max(0.1, deadline - loop.time())
+        )
         ctx = _h2_context(svc)
-        failures: list[tuple[str, str]] = []
-        identity_failures = 0
-        for n, ep in enumerate(endpoints):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                failures.append((ep.address, "deadline exceeded before trying"))
-                continue
-            left = len(endpoints) - n
-            budget = remaining if left == 1 else min(remaining, max(0.25, remaining / left))
+
+        async def dial(
+            ep: Endpoint, budget: float
+        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             writer: asyncio.StreamWriter | None = None
             try:
                 async with asyncio.timeout(budget):
@@ -470,23 +469,13 @@ class _Bridge:
                         ssl_handshake_timeout=min(budget, HANDSHAKE_TIMEOUT),
                     )
                 verify_server_identity(writer, ep.identity)
-            except ServerIdentityError as exc:
-                identity_failures += 1
-                failures.append((ep.address, str(exc)))
+            except BaseException:
                 if writer is not None:
                     writer.transport.abort()
-                continue
-            except (TimeoutError, OSError, ConsulConnectError) as exc:
-                failures.append((ep.address, str(exc) or type(exc).__name__))
-                if writer is not None:
-                    writer.transport.abort()
-                continue
+                raise
             return reader, writer
-        detail = "; ".join(f"{a}: {why}" for a, why in failures)
-        msg = f"could not connect to {self._target!r}: {detail}"
-        if failures and identity_failures == len(failures):
-            raise ServerIdentityError(msg, failures=failures)
-        raise DialError(msg, failures=failures)
+
+        return await try_endpoints(self._target, endpoints, deadline, dial)
 
     async def _handle(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
         if self._closed:

@@ -33,25 +33,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import httpcore
 import httpx
 
 from consul_connect.discovery import Endpoint
-from consul_connect.errors import (
-    ConsulConnectError,
-    DialError,
-    NoInstancesError,
-    NotReadyError,
-    ServerIdentityError,
+from consul_connect.errors import ConsulConnectError, ServerIdentityError
+from consul_connect.integrations._common import (
+    PoolEntry,
+    PoolSet,
+    dial_error,
+    material_token,
+    resolve_failure,
 )
 from consul_connect.service import Service
-from consul_connect.tls import DynamicClientContext, verify_server_identity
+from consul_connect.tls import verify_server_identity
 
 __all__ = ["DEFAULT_LIMITS", "AsyncConnectTransport", "ConnectTransport"]
 
@@ -68,117 +67,6 @@ DEFAULT_LIMITS = httpx.Limits(
 client drops an idle connection before a server is likely to close it under a request."""
 
 P = TypeVar("P")
-
-
-# ------------------------------------------------------------------ pool bookkeeping
-
-
-@dataclass(eq=False)
-class _Entry(Generic[P]):
-    key: tuple[str, int, str]
-    pool: P
-    material: object
-    created: float
-    active: int = 0
-    retired: bool = False
-
-
-@dataclass
-class _PoolSet(Generic[P]):
-    """Which pool serves which instance, and which pools are due to be closed.
-
-    Thread-safe and I/O-free: methods return the pools the caller must close (outside
-    the lock; closing an async pool needs an ``await``). A pool is closed only when no
-    request is using it, because closing an httpcore pool aborts its busy connections.
-    """
-
-    max_age: float | None
-    entries: dict[tuple[str, int, str], _Entry[P]] = field(default_factory=dict)
-    targets: dict[str, frozenset[tuple[str, int, str]]] = field(default_factory=dict)
-    retired: list[_Entry[P]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: bool = False
-
-    @staticmethod
-    def key(ep: Endpoint) -> tuple[str, int, str]:
-        return (ep.host, ep.port, ep.identity.uri.lower())
-
-    def _retire(self, entry: _Entry[P], due: list[P]) -> None:
-        if entry.retired:
-            return
-        entry.retired = True
-        self.entries.pop(entry.key, None)
-        if entry.active == 0:
-            due.append(entry.pool)
-        else:
-            self.retired.append(entry)
-
-    def observe(self, target: str, endpoints: list[Endpoint]) -> list[P]:
-        """Record the instances ``target`` resolves to now; retire pools of vanished ones."""
-        due: list[P] = []
-        keys = frozenset(self.key(ep) for ep in endpoints)
-        with self.lock:
-            previous = self.targets.get(target, frozenset())
-            self.targets[target] = keys
-            gone = previous - keys
-            if gone:
-                still_used = frozenset().union(*self.targets.values())
-                for k in gone - still_used:
-                    entry = self.entries.get(k)
-                    if entry is not None:
-                        self._retire(entry, due)
-        return due
-
-    def acquire(
-        self, ep: Endpoint, material: object, factory: Callable[[Endpoint], P]
-    ) -> tuple[_Entry[P], list[P]]:
-        """The pool to use for ``ep`` (made fresh when missing, stale or too old)."""
-        due: list[P] = []
-        now = time.monotonic()
-        k = self.key(ep)
-        with self.lock:
-            if self.closed:
-                raise RuntimeError("the transport is closed")
-            entry = self.entries.get(k)
-            if entry is not None and (
-                entry.material is not material
-                or (self.max_age is not None and now - entry.created >= self.max_age)
-            ):
-                self._retire(entry, due)
-                entry = None
-            if entry is None:
-                entry = _Entry(k, factory(ep), material, now)
-                self.entries[k] = entry
-            entry.active += 1
-        return entry, due
-
-    def release(self, entry: _Entry[P]) -> list[P]:
-        """A request on ``entry`` finished; return its pool if it is now due to close."""
-        with self.lock:
-            entry.active -= 1
-            if entry.retired and entry.active == 0 and entry in self.retired:
-                self.retired.remove(entry)
-                return [entry.pool]
-        return []
-
-    def close(self) -> list[P]:
-        """Every pool (the transport is closing; busy requests are cut off)."""
-        with self.lock:
-            self.closed = True
-            pools = [e.pool for e in self.entries.values()] + [e.pool for e in self.retired]
-            self.entries.clear()
-            self.retired.clear()
-            self.targets.clear()
-        return pools
-
-
-def _material(service: Service) -> object:
-    """The Service's current TLS snapshot: a new object whenever the leaf or roots change."""
-    ctx = service.client_context
-    if isinstance(ctx, DynamicClientContext):
-        return ctx.current
-    return ctx
-
 
 # ----------------------------------------------------------------- shared helpers
 
@@ -224,43 +112,33 @@ class _WrongIdentity(httpcore.ConnectError):
     re-raises connect errors ``from None``)."""
 
 
-def _failure(exc: BaseException) -> tuple[str, bool]:
-    """A short reason for one instance's failure, and whether it was the server identity."""
-    return str(exc) or type(exc).__name__, isinstance(exc, _WrongIdentity)
+class _Attempts:
+    """The instances one request tried, and the httpx error when none worked."""
 
+    def __init__(self, request: httpx.Request, target: str) -> None:
+        self.request = request
+        self.target = target
+        self.failures: list[tuple[str, str]] = []
+        self.identity_failures = 0
+        self.timed_out = False
 
-def _dial_failure(
-    request: httpx.Request,
-    target: str,
-    failures: list[tuple[str, str]],
-    identity_failures: int,
-    timed_out: bool,
-) -> httpx.TransportError:
-    detail = "; ".join(f"{addr}: {why}" for addr, why in failures) or "no instance was tried"
-    message = f"could not connect to {target!r}: {detail}"
-    cause: DialError
-    if failures and identity_failures == len(failures):
-        cause = ServerIdentityError(message, failures=failures)
-    else:
-        cause = DialError(message, failures=failures)
-    error: httpx.TransportError
-    if timed_out:
-        error = httpx.ConnectTimeout(message, request=request)
-    else:
-        error = httpx.ConnectError(message, request=request)
-    error.__cause__ = cause
-    return error
+    def failed(self, ep: Endpoint, exc: BaseException) -> None:
+        self.timed_out = isinstance(exc, httpcore.ConnectTimeout)
+        self.identity_failures += isinstance(exc, _WrongIdentity)
+        self.failures.append((ep.address, str(exc) or type(exc).__name__))
+
+    def error(self) -> httpx.TransportError:
+        cause = dial_error(self.target, self.failures, self.identity_failures)
+        cls = httpx.ConnectTimeout if self.timed_out else httpx.ConnectError
+        error = cls(str(cause), request=self.request)
+        error.__cause__ = cause
+        return error
 
 
 def _resolve_failure(exc: BaseException, request: httpx.Request, target: str) -> Exception:
-    if isinstance(exc, NotReadyError | TimeoutError):
-        err: httpx.TransportError = httpx.ConnectTimeout(
-            f"could not resolve {target!r} in time: {exc}", request=request
-        )
-    elif isinstance(exc, NoInstancesError):
-        err = httpx.ConnectError(str(exc), request=request)
-    else:
-        err = httpx.ConnectError(f"could not resolve {target!r}: {exc}", request=request)
+    message, timed_out = resolve_failure(exc, target)
+    cls = httpx.ConnectTimeout if timed_out else httpx.ConnectError
+    err = cls(message, request=request)
     err.__cause__ = exc
     return err
 
@@ -370,7 +248,35 @@ class _SyncBody(httpx.SyncByteStream):
             done()
 
 
-class ConnectTransport(httpx.BaseTransport):
+class _Settings(Generic[P]):
+    """What both transports are configured with, and their per-instance pools."""
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._service = service
+        self._timeout = timeout
+        self._limits = limits
+        self._pools: PoolSet[P] = PoolSet(max_connection_age)
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {
+            "ssl_context": self._service.client_context,
+            "max_connections": self._limits.max_connections,
+            "max_keepalive_connections": self._limits.max_keepalive_connections,
+            "keepalive_expiry": self._limits.keepalive_expiry,
+            "http1": True,
+            "http2": False,
+            "retries": 0,
+        }
+
+
+class ConnectTransport(_Settings[httpcore.ConnectionPool], httpx.BaseTransport):
     """An httpx transport that reaches Consul services over Connect mTLS.
 
     ``ConnectTransport(service)`` dials as ``service`` (its leaf certificate is the
@@ -388,29 +294,9 @@ class ConnectTransport(httpx.BaseTransport):
     error), and the other httpx transport errors once a connection is in use.
     """
 
-    def __init__(
-        self,
-        service: Service,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-    ) -> None:
-        self._service = service
-        self._timeout = timeout
-        self._limits = limits
-        self._pools: _PoolSet[httpcore.ConnectionPool] = _PoolSet(max_connection_age)
-
     def _new_pool(self, ep: Endpoint) -> httpcore.ConnectionPool:
         return httpcore.ConnectionPool(
-            ssl_context=self._service.client_context,
-            max_connections=self._limits.max_connections,
-            max_keepalive_connections=self._limits.max_keepalive_connections,
-            keepalive_expiry=self._limits.keepalive_expiry,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=_SyncEndpointBackend(self._service, ep),
+            **self._pool_options(), network_backend=_SyncEndpointBackend(self._service, ep)
         )
 
     @staticmethod
@@ -423,7 +309,7 @@ class ConnectTransport(httpx.BaseTransport):
         svc = self._service
         try:
             svc.wait_ready(budget)
-            endpoints = svc._runtime.run(svc._resolve(target), timeout=max(0.05, budget))
+            endpoints = svc.resolve(target, timeout=max(0.05, budget))
         except (ConsulConnectError, TimeoutError) as exc:
             raise _resolve_failure(exc, request, target) from exc
         self._close(self._pools.observe(target, endpoints))
@@ -436,14 +322,12 @@ class ConnectTransport(httpx.BaseTransport):
         deadline = time.monotonic() + budget
         target = request.url.host
         endpoints = self._resolve(request, target, budget)
-        material = _material(self._service)
-        failures: list[tuple[str, str]] = []
-        identity_failures = 0
-        timed_out = False
+        material = material_token(self._service)
+        attempts = _Attempts(request, target)
         for ep in endpoints:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
+                attempts.timed_out = True
                 break
             entry, due = self._pools.acquire(ep, material, self._new_pool)
             self._close(due)
@@ -453,10 +337,7 @@ class ConnectTransport(httpx.BaseTransport):
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 # Nothing of the request was sent yet: the next instance may serve it.
                 self._close(self._pools.release(entry))
-                timed_out = isinstance(exc, httpcore.ConnectTimeout)
-                why, wrong_identity = _failure(exc)
-                identity_failures += wrong_identity
-                failures.append((ep.address, why))
+                attempts.failed(ep, exc)
                 continue
             except Exception as exc:
                 self._close(self._pools.release(entry))
@@ -469,7 +350,7 @@ class ConnectTransport(httpx.BaseTransport):
                 raise
             assert isinstance(resp.stream, Iterable)
 
-            def done(e: _Entry[httpcore.ConnectionPool] = entry) -> None:
+            def done(e: PoolEntry[httpcore.ConnectionPool] = entry) -> None:
                 self._close(self._pools.release(e))
 
             return httpx.Response(
@@ -478,7 +359,7 @@ class ConnectTransport(httpx.BaseTransport):
                 stream=_SyncBody(resp.stream, request, done),
                 extensions=resp.extensions,
             )
-        raise _dial_failure(request, target, failures, identity_failures, timed_out)
+        raise attempts.error()
 
     def close(self) -> None:
         """Close every pooled connection (requests still running are cut off)."""
@@ -587,35 +468,15 @@ class _AsyncBody(httpx.AsyncByteStream):
             await done()
 
 
-class AsyncConnectTransport(httpx.AsyncBaseTransport):
+class AsyncConnectTransport(_Settings[httpcore.AsyncConnectionPool], httpx.AsyncBaseTransport):
     """The asyncio form of :class:`ConnectTransport`, for ``httpx.AsyncClient``.
 
     Same arguments, routing, failover, pool retirement and errors.
     """
 
-    def __init__(
-        self,
-        service: Service,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_connection_age: float | None = DEFAULT_MAX_CONNECTION_AGE,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-    ) -> None:
-        self._service = service
-        self._timeout = timeout
-        self._limits = limits
-        self._pools: _PoolSet[httpcore.AsyncConnectionPool] = _PoolSet(max_connection_age)
-
     def _new_pool(self, ep: Endpoint) -> httpcore.AsyncConnectionPool:
         return httpcore.AsyncConnectionPool(
-            ssl_context=self._service.client_context,
-            max_connections=self._limits.max_connections,
-            max_keepalive_connections=self._limits.max_keepalive_connections,
-            keepalive_expiry=self._limits.keepalive_expiry,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=_AsyncEndpointBackend(self._service, ep),
+            **self._pool_options(), network_backend=_AsyncEndpointBackend(self._service, ep)
         )
 
     @staticmethod
@@ -630,7 +491,7 @@ class AsyncConnectTransport(httpx.AsyncBaseTransport):
         svc = self._service
         try:
             await svc.wait_ready_async(budget)
-            endpoints = await svc._runtime.run_async(svc._resolve(target), max(0.05, budget))
+            endpoints = await svc.resolve_async(target, timeout=max(0.05, budget))
         except (ConsulConnectError, TimeoutError) as exc:
             raise _resolve_failure(exc, request, target) from exc
         await self._close(self._pools.observe(target, endpoints))
@@ -644,14 +505,12 @@ class AsyncConnectTransport(httpx.AsyncBaseTransport):
         deadline = loop.time() + budget
         target = request.url.host
         endpoints = await self._resolve(request, target, budget)
-        material = _material(self._service)
-        failures: list[tuple[str, str]] = []
-        identity_failures = 0
-        timed_out = False
+        material = material_token(self._service)
+        attempts = _Attempts(request, target)
         for ep in endpoints:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                timed_out = True
+                attempts.timed_out = True
                 break
             entry, due = self._pools.acquire(ep, material, self._new_pool)
             await self._close(due)
@@ -660,10 +519,7 @@ class AsyncConnectTransport(httpx.AsyncBaseTransport):
                 resp = await entry.pool.handle_async_request(core)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 await self._close(self._pools.release(entry))
-                timed_out = isinstance(exc, httpcore.ConnectTimeout)
-                why, wrong_identity = _failure(exc)
-                identity_failures += wrong_identity
-                failures.append((ep.address, why))
+                attempts.failed(ep, exc)
                 continue
             except Exception as exc:
                 await self._close(self._pools.release(entry))
@@ -676,7 +532,7 @@ class AsyncConnectTransport(httpx.AsyncBaseTransport):
                 raise
             assert isinstance(resp.stream, AsyncIterable)
 
-            async def done(e: _Entry[httpcore.AsyncConnectionPool] = entry) -> None:
+            async def done(e: PoolEntry[httpcore.AsyncConnectionPool] = entry) -> None:
                 await self._close(self._pools.release(e))
 
             return httpx.Response(
@@ -685,7 +541,7 @@ class AsyncConnectTransport(httpx.AsyncBaseTransport):
                 stream=_AsyncBody(resp.stream, request, done),
                 extensions=resp.extensions,
             )
-        raise _dial_failure(request, target, failures, identity_failures, timed_out)
+        raise attempts.error()
 
     async def aclose(self) -> None:
         """Close every pooled connection (requests still running are cut off)."""

@@ -45,19 +45,14 @@ from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnection
 from urllib3.util.connection import create_connection
 
 from consul_connect.discovery import Endpoint
-from consul_connect.errors import (
-    ConsulConnectError,
-    DialError,
-    NoInstancesError,
-    NotReadyError,
-    ServerIdentityError,
+from consul_connect.errors import ConsulConnectError, DialError, ServerIdentityError
+from consul_connect.integrations._common import (
+    PoolSet,
+    dial_error,
+    material_token,
+    resolve_failure,
 )
-from consul_connect.integrations.httpx import (
-    DEFAULT_MAX_CONNECTION_AGE,
-    DEFAULT_TIMEOUT,
-    _material,
-    _PoolSet,
-)
+from consul_connect.integrations.httpx import DEFAULT_MAX_CONNECTION_AGE, DEFAULT_TIMEOUT
 from consul_connect.service import Service
 from consul_connect.tls import client_handshake
 
@@ -182,7 +177,7 @@ class ConnectAdapter(HTTPAdapter):
     ) -> None:
         self._service = service
         self._connect_timeout = connect_timeout
-        self._pools: _PoolSet[_ConnectPool] = _PoolSet(max_connection_age)
+        self._pools: PoolSet[_ConnectPool] = PoolSet(max_connection_age)
         self._local = threading.local()
         super().__init__(
             pool_connections=1,
@@ -244,20 +239,11 @@ class ConnectAdapter(HTTPAdapter):
         svc = self._service
         try:
             svc.wait_ready(budget)
-            endpoints = svc._runtime.run(svc._resolve(target), timeout=max(0.05, budget))
+            endpoints = svc.resolve(target, timeout=max(0.05, budget))
         except (ConsulConnectError, TimeoutError) as exc:
-            err: requests.ConnectionError
-            if isinstance(exc, NotReadyError | TimeoutError):
-                err = requests.ConnectTimeout(
-                    f"could not resolve {target!r} in time: {exc}", request=request
-                )
-            elif isinstance(exc, NoInstancesError):
-                err = requests.ConnectionError(str(exc), request=request)
-            else:
-                err = requests.ConnectionError(
-                    f"could not resolve {target!r}: {exc}", request=request
-                )
-            raise err from exc
+            message, timed_out = resolve_failure(exc, target)
+            cls = requests.ConnectTimeout if timed_out else requests.ConnectionError
+            raise cls(message, request=request) from exc
         self._close(self._pools.observe(target, endpoints))
         return endpoints
 
@@ -276,7 +262,7 @@ class ConnectAdapter(HTTPAdapter):
         deadline = time.monotonic() + budget
         target = urlsplit(request.url).hostname or ""
         endpoints = self._resolve(request, target, budget)
-        material = _material(self._service)
+        material = material_token(self._service)
         failures: list[tuple[str, str]] = []
         identity_failures = 0
         timed_out = False
@@ -303,19 +289,9 @@ class ConnectAdapter(HTTPAdapter):
                 self._local.pool = None
                 # urllib3 pools may close under a busy connection, so release at once.
                 self._close(self._pools.release(entry))
-        detail = "; ".join(f"{a}: {w}" for a, w in failures) or "no instance was tried"
-        message = f"could not connect to {target!r}: {detail}"
-        cause: DialError
-        if failures and identity_failures == len(failures):
-            cause = ServerIdentityError(message, failures=failures)
-        else:
-            cause = DialError(message, failures=failures)
-        err = (
-            requests.ConnectTimeout(message, request=request)
-            if timed_out
-            else requests.ConnectionError(message, request=request)
-        )
-        raise err from cause
+        cause = dial_error(target, failures, identity_failures)
+        cls = requests.ConnectTimeout if timed_out else requests.ConnectionError
+        raise cls(str(cause), request=request) from cause
 
     def close(self) -> None:
         """Close every pooled connection."""
