@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--leaf-cert-ttl", type=_duration, default=72 * 3600.0, help="leaf TTL, e.g. 72h"
     )
     dev.add_argument(
+        "--json", action="store_true", help="announce the agent as one JSON line (for scripts)"
+    )
+    dev.add_argument(
         "--log-level",
         default="info",
         choices=("trace", "debug", "info", "warning", "error", "critical"),
@@ -83,14 +87,26 @@ def _run_dev(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=args.log_level.upper() if args.log_level != "trace" else "DEBUG")
     host = f"[{config.bind}]" if ":" in config.bind else config.bind
-    print(
-        f"consul-connect dev agent: datacenter={config.datacenter} node={config.node_name} "
-        f"acl={'enabled, default ' + config.acl_default_policy if acl_enabled else 'disabled'}",
-        flush=True,
-    )
+    if not args.json:
+        print(
+            f"consul-connect dev agent: datacenter={config.datacenter} node={config.node_name} "
+            f"acl={'enabled, default ' + config.acl_default_policy if acl_enabled else 'disabled'}",
+            flush=True,
+        )
 
     def announce(address: str) -> None:
-        print(f"HTTP API on http://{address} (CONSUL_HTTP_ADDR={address})", flush=True)
+        if args.json:
+            line = {
+                "http_addr": f"http://{address}",
+                "consul_http_addr": address,
+                "datacenter": config.datacenter,
+                "node_name": config.node_name,
+                "acl_enabled": acl_enabled,
+                "acl_default_policy": config.acl_default_policy,
+            }
+            print(json.dumps(line), flush=True)
+        else:
+            print(f"HTTP API on http://{address} (CONSUL_HTTP_ADDR={address})", flush=True)
 
     try:
         serve_forever(config, announce=announce)

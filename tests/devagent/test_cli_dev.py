@@ -101,3 +101,22 @@ def test_dev_command_on_port_zero_prints_the_port_it_bound() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_dev_command_can_announce_itself_as_json() -> None:
+    import json
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consul_connect.cli", "dev", "--http-port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["datacenter"] == "dc1" and info["acl_enabled"] is False
+        assert httpx.get(f"{info['http_addr']}/v1/status/leader", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
