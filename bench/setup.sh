@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs what the benchmark needs and is missing: Debian's nginx (with the stream
-# module, for the L4 sidecar pair), matplotlib (plots) and pyinstrument (profile).
+# module, for the L4 sidecar pair), matplotlib (plots), pyinstrument (profile), uvloop.
 # Idempotent; safe to run again. Needs root (or sudo) for apt-get.
 set -eu
 
@@ -28,6 +28,8 @@ fi
 PY="${PYTHON:-python3}"
 "$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip install --quiet matplotlib
 "$PY" -c "import pyinstrument" 2>/dev/null || "$PY" -m pip install --quiet pyinstrument
+# Optional: the uvloop scenarios are skipped without it.
+"$PY" -c "import uvloop" 2>/dev/null || "$PY" -m pip install --quiet uvloop || true
 "$PY" -c "import consul_connect" 2>/dev/null || "$PY" -m pip install --quiet -e "$(dirname "$0")/.."
 
 nginx -v

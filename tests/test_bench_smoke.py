@@ -17,6 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 @pytest.mark.timeout(150)
 def test_smoke_run_measures_native_path_and_writes_results(tmp_path: Path) -> None:
     done = subprocess.run(
@@ -34,12 +40,20 @@ def test_smoke_run_measures_native_path_and_writes_results(tmp_path: Path) -> No
             assert runs, (mode, name)
             assert all(r["requests"] > 0 for r in runs), (mode, name, runs)
             assert all(r["failures"] == 0 for r in runs), (mode, name, runs)
-    rotation = results["rotation"]["conn"]
-    assert rotation["requests"] > 0
-    assert rotation["failures"] == 0
+    # The resuming native client really resumes (nginx and uvloop are optional).
+    resumed = results["raw"]["conn"]["native-intentions+resume"]
+    assert all(r["failures"] == 0 for r in resumed), resumed
+    assert all(r["sessions_offered"] > 0 for r in resumed), resumed
+    if "uvloop" in sys.modules or _importable("uvloop"):
+        uv = results["raw"]["keep"]["native-intentions-uvloop"]
+        assert all(r["requests"] > 0 and r["failures"] == 0 for r in uv), uv
+    for mode in ("conn", "conn+resume"):
+        rotation = results["rotation"][mode]
+        assert rotation["requests"] > 0, mode
+        assert rotation["failures"] == 0, (mode, rotation["errors"])
     micro = results["micro"]
     assert micro["authz"]["10"]["authorizer_decide"]["median_us"] > 0
-    scale = micro["scale_agent-pool"]
+    scale = micro["scale_shipped"]
     assert scale["ready"] == scale["services"]
     assert scale["roots_watch_hubs"] == 1
     text = (tmp_path / "RESULTS.md").read_text()

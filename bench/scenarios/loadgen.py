@@ -12,6 +12,13 @@
 :class:`Endpoint` whose identity must be "api" (raw client), or httpx with
 ``AsyncConnectTransport`` (``--client httpx``, resolving "api" from the catalog).
 
+``--resume``: TLS clients offer the session of an earlier connection to the same
+server (``mtls``: a plain context that resumes; ``native``: ``Service.open_connection``
+with the proposed per-endpoint resumption and Endpoint fast path, ``patches.py``'s
+``dial``). Without it
+every handshake is a full one. The client always runs on asyncio's default loop, so
+only the server's loop changes between scenario families.
+
 Prints ``start`` when the warm-up is over and, when the measured window ends, one JSON
 line: requests, failures, req/s, latency percentiles (ms), own CPU seconds and RSS.
 Every loop is bounded by the deadline and by ``--max-requests``.
@@ -27,6 +34,7 @@ import resource
 import ssl
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,7 @@ class Recorder:
         self.latencies: list[float] = []
         self.failures = 0
         self.errors: dict[str, int] = {}
+        self.error_samples: dict[str, str] = {}  # first message (and place) per type
         self.total = 0
         # (bucket index) -> [ok, failed, max latency s]; only filled with --timeline.
         self.timeline: dict[int, list[float]] | None = None
@@ -80,6 +89,10 @@ class Recorder:
             self._mark(began, time.monotonic(), True)
             key = type(exc).__name__
             self.errors[key] = self.errors.get(key, 0) + 1
+            if key not in self.error_samples:
+                tb = traceback.extract_tb(exc.__traceback__)
+                where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+                self.error_samples[key] = f"{exc!r}"[:300] + where
 
 
 async def _read_response(reader: asyncio.StreamReader) -> None:
@@ -168,6 +181,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
         if args.tls == "native":
+            if args.resume:
+                import patches
+
+                patches.apply(["dial"])
             from consul_connect.agent.config import AgentConfig
             from consul_connect.service import Service
 
@@ -225,6 +242,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "requests": count,
             "failures": rec.failures,
             "errors": rec.errors,
+            "error_samples": rec.error_samples,
             "window_s": window,
             "rps": count / window if window > 0 else 0.0,
             "p50_ms": percentile(lat, 0.50) * 1000,
@@ -234,6 +252,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "client_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
             "client_rss_kib": rss_kib_self(),
             "unfinished_workers": len(tasks) - len(done),
+            "sessions_offered": _sessions_offered(svc),
             **(_extras(rec, svc) if args.timeline else {}),
         }
     finally:
@@ -258,6 +277,13 @@ def _extras(rec: Recorder, svc: Any) -> dict[str, Any]:
     return out
 
 
+def _sessions_offered(svc: Any) -> int | None:
+    """How many native handshakes offered a cached session (None: not a native client)."""
+    ctx = getattr(svc, "client_context", None)
+    offered = getattr(ctx, "sessions_offered", None)
+    return offered if isinstance(offered, int) else None
+
+
 def rss_kib_self() -> int:
     import os
 
@@ -269,7 +295,7 @@ def _opener(args: argparse.Namespace, svc: Any) -> Open:
     if args.tls == "none":
         return lambda: asyncio.open_connection("127.0.0.1", port)
     if args.tls == "mtls":
-        ctx = plain_mtls_context(fetch_pem(args.agent, "web"), server=False)
+        ctx = plain_mtls_context(fetch_pem(args.agent, "web"), server=False, resume=args.resume)
         return lambda: asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="")
     from consul_connect.discovery import Endpoint
     from consul_connect.identity import ServiceIdentity
@@ -292,10 +318,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--max-requests", type=int, default=10_000_000)
+    parser.add_argument("--resume", action="store_true",
+                        help="TLS clients resume sessions of earlier connections")
     parser.add_argument("--timeline", action="store_true",
                         help="per-100 ms counts and worst latency; server certs seen")
+    parser.add_argument("--profile", default="",
+                        help="sample this client with pyinstrument; text report to FILE")
     args = parser.parse_args()
-    result = asyncio.run(_run(args))
+    if not args.profile:
+        result = asyncio.run(_run(args))
+        print(json.dumps(result), flush=True)
+        return
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    try:
+        result = asyncio.run(_run(args))
+    finally:
+        profiler.stop()
+        Path(args.profile).write_text(
+            profiler.output_text(unicode=False, color=False, show_all=False, timeline=False))
     print(json.dumps(result), flush=True)
 
 

@@ -1,103 +1,75 @@
 """Library changes the benchmark proposes, applied by monkeypatching *this process only*.
 
-The benchmark measures the native path twice in the same run: as the library ships
-("before") and with these patches ("after"), so each proposal comes with its gain.
-None of this is used outside ``bench/``; the real fix belongs in the library.
+The fixes the first run proposed (``nodelay``, ``l4-decision-cache``, ``agent-pool``)
+are shipped in the library now, so they are gone from here; see
+``results/before-fixes/`` for what each one measured.
 
-* ``nodelay``: ``integrations.asgi._listen`` creates its socket as
-  ``socket.socket(family, SOCK_STREAM)``, whose ``proto`` is 0. asyncio only sets
-  ``TCP_NODELAY`` on accepted sockets whose ``proto == IPPROTO_TCP``
-  (``asyncio.base_events._set_nodelay``), so every Connect ASGI connection runs with
-  Nagle on: uvicorn writes the response head and body separately, the second TLS record
-  waits for the client's delayed ACK (~40 ms on Linux) on keep-alive connections.
-  Fix: pass ``socket.IPPROTO_TCP`` as the third argument.
-* ``l4-decision-cache``: ``IntentionSet.decide_l4`` formats a new reason string
-  (``Intention.describe()``) and a new ``Decision`` on every call, although both depend
-  only on the winning intention. Build each intention's ``Decision`` once (lazily here,
-  or in ``IntentionSet.__init__``) and return the same frozen object.
-* ``agent-pool``: ``AgentClient`` builds ``httpx.AsyncHTTPTransport`` with httpx's default
-  limits (100 connections). Every Service holds two blocking queries (leaf, intentions)
-  on the one shared client, so past ~50 Services the pool is full of held queries and
-  every further request (a new Service's first leaf, the authorize probe) waits for a
-  blocking query to return, up to its 5-minute wait, and fails with ``PoolTimeout``.
-  Fix: ``limits=httpx.Limits(max_connections=None, max_keepalive_connections=...)``.
+* ``dial``: the proposed ``Service.open_connection`` change (the exact diff is in the
+  benchmark report), in two parts:
+
+  - per-endpoint TLS session resumption: ``tls.DynamicClientContext`` can resume
+    sessions (``for_endpoint(key)``), but ``open_connection`` passes the context itself
+    as ``ssl=``, which always makes full handshakes. Here the dialing code in
+    ``consul_connect.service`` gets an ``asyncio.open_connection`` that passes
+    ``ssl=ctx.for_endpoint((host, port))`` instead. The server identity check after
+    the handshake is untouched;
+  - no runtime-loop hop for an ``Endpoint`` target: ``open_connection`` resolves every
+    target on the Service's runtime thread, a thread switch (~150 µs of CPU per dial,
+    ``micro.py``'s ``runtime_hop``) even when the target is an ``Endpoint`` with
+    nothing to look up. Here ``Runtime.run_async`` answers ``Service._resolve`` of an
+    ``Endpoint`` in place, which is what ``endpoints = [target]`` in the proposal does.
+
+  Used by the load generator's ``--resume`` for native clients.
 """
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 
-def _nodelay() -> None:
-    from consul_connect.integrations import asgi
+class _AsyncioWithResumption:
+    """``asyncio`` as ``consul_connect.service`` sees it, dialing with per-endpoint contexts."""
 
-    def _listen(host: str, port: int) -> socket.socket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
 
-    asgi._listen = _listen
+    @staticmethod
+    async def open_connection(host: Any = None, port: Any = None, **kwargs: Any) -> Any:
+        from consul_connect.tls import DynamicClientContext
 
-
-def _l4_decision_cache() -> None:
-    from consul_connect.authz import intentions as mod
-
-    original = mod.IntentionSet.decide_l4
-
-    def decide_l4(
-        self: mod.IntentionSet,
-        source_ns: str,
-        source_name: str,
-        partition: str = mod.DEFAULT_PARTITION,
-        *,
-        peer: str = "",
-    ) -> mod.Decision:
-        pos = self._first_pos(source_ns, source_name, partition, peer)
-        if pos is None:
-            return original(self, source_ns, source_name, partition, peer=peer)
-        cache: dict[int, mod.Decision] | None = self.__dict__.get("_bench_l4")
-        if cache is None:
-            cache = self.__dict__["_bench_l4"] = {}
-        found = cache.get(pos)
-        if found is None:
-            found = cache[pos] = original(self, source_ns, source_name, partition, peer=peer)
-        return found
-
-    mod.IntentionSet.decide_l4 = decide_l4  # type: ignore[method-assign]
+        ctx = kwargs.get("ssl")
+        if isinstance(ctx, DynamicClientContext):
+            kwargs["ssl"] = ctx.for_endpoint((host, port))
+        return await asyncio.open_connection(host, port, **kwargs)
 
 
-def _agent_pool() -> None:
-    import functools
+def _dial() -> None:
+    from consul_connect import service
+    from consul_connect._runtime import Runtime
+    from consul_connect.discovery import Endpoint
 
-    import httpx
+    setattr(service, "asyncio", _AsyncioWithResumption())  # noqa: B010 - module global
 
-    from consul_connect.agent import client
+    resolve_code = service.Service._resolve.__code__
+    original = Runtime.run_async
 
-    class _Httpx:
-        """``httpx`` as ``agent.client`` sees it, with an unbounded connection pool."""
+    async def run_async(self: Runtime, coro: Coroutine[Any, Any, Any],
+                        timeout: float | None = None) -> Any:
+        frame = getattr(coro, "cr_frame", None)
+        if getattr(coro, "cr_code", None) is resolve_code and frame is not None:
+            target = frame.f_locals.get("target")
+            if isinstance(target, Endpoint):
+                coro.close()
+                return [target]
+        return await original(self, coro, timeout)
 
-        def __getattr__(self, name: str) -> object:
-            return getattr(httpx, name)
-
-        AsyncHTTPTransport = functools.partial(
-            httpx.AsyncHTTPTransport,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-        )
-
-    setattr(client, "httpx", _Httpx())  # noqa: B010 - the module re-exports nothing
+    Runtime.run_async = run_async  # type: ignore[method-assign]
 
 
 AVAILABLE = {
-    "nodelay": _nodelay,
-    "l4-decision-cache": _l4_decision_cache,
-    "agent-pool": _agent_pool,
+    "dial": _dial,
 }
 
 

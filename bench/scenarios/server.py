@@ -9,6 +9,11 @@
   with a ``Service("api")`` whose authorizer is the local intention cache (complete
   integration, L7 middleware on) or the agent's authorize endpoint (simple integration).
 
+``--loop uvloop`` runs the whole process (uvicorn, or ``serve()`` and its ASGI
+protocol) on a uvloop event loop instead of asyncio's default one. ``serve()`` runs on
+the caller's loop, so this is how a caller gets uvloop there; ``asgi.run(...,
+loop="uvloop")`` is the blocking equivalent.
+
 Prints ``listening <port>`` once it accepts connections and runs until SIGTERM/SIGINT.
 With ``--profile FILE`` the whole serving thread is sampled with pyinstrument and a text
 report is written to FILE at exit.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -96,10 +102,6 @@ async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Ev
 
 
 async def _main(args: argparse.Namespace) -> None:
-    if args.patches:
-        import patches
-
-        patches.apply(args.patches.split(","))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,23 +116,32 @@ async def _main(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown kind {args.kind}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.loop == "uvloop":
+        # Optional dependency: imported by name so type checking works without it.
+        uvloop: Any = importlib.import_module("uvloop")
+        uvloop.run(_main(args))
+    else:
+        asyncio.run(_main(args))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kind", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--agent", default="")
     parser.add_argument("--profile", default="")
-    parser.add_argument("--patches", default="", help="comma-separated names from patches.py")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     if not args.profile:
-        asyncio.run(_main(args))
+        _run(args)
         return
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.0005, async_mode="disabled")
     profiler.start()
     try:
-        asyncio.run(_main(args))
+        _run(args)
     finally:
         profiler.stop()
         Path(args.profile).write_text(
