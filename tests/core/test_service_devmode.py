@@ -254,3 +254,85 @@ def test_closing_a_listener_ends_its_threads(ca: TestCA) -> None:
             listener.accept(timeout=0.1)
     finally:
         svc.close()
+
+
+def test_second_dial_to_the_same_instance_resumes_the_session(
+    pair: tuple[Service, Service],
+) -> None:
+    web, api = pair
+    with api.listen() as listener:
+        host, port = listener.address
+        served: list[bool] = []
+
+        def serve(n: int) -> None:
+            for _ in range(n):
+                sock, _identity = listener.accept(timeout=10)
+                with sock:
+                    served.append(bool(sock.session_reused))
+                    sock.sendall(sock.recv(16))
+
+        t = threading.Thread(target=serve, args=(2,))
+        t.start()
+        target = Endpoint(host, port, api.identity)
+        reused = []
+        for _ in range(2):
+            with web.connect(target, timeout=5) as conn:
+                conn.sendall(b"x")
+                assert conn.recv(16) == b"x"  # tickets arrive with the first read
+                reused.append(conn.session_reused)
+                assert get_peer_identity(conn) == api.identity
+        t.join(10)
+    assert reused == [False, True]
+    assert served == [False, True]
+
+
+async def test_second_async_dial_resumes_and_still_checks_identity(
+    pair: tuple[Service, Service],
+) -> None:
+    web, api = pair
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(16))
+        await writer.drain()
+        writer.close()
+
+    server = await api.start_server(echo)
+    port = server.sockets[0].getsockname()[1]
+    target = Endpoint("127.0.0.1", port, api.identity)
+    reused = []
+    try:
+        for _ in range(2):
+            reader, writer = await web.open_connection(target)
+            writer.write(b"y")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(16), 5) == b"y"
+            reused.append(writer.get_extra_info("ssl_object").session_reused)
+            assert get_peer_identity(writer) == api.identity
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert reused == [False, True]
+
+
+def test_a_resumed_session_with_a_since_expired_certificate_is_refused(ca: TestCA) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from consul_connect.service import _expired_resumption
+
+    expired = ca.issue_expired("web")
+    fresh = ca.issue("web")
+
+    class Resumed:
+        session_reused = True
+
+        def __init__(self, pem: str) -> None:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+            self._der = cert.public_bytes(serialization.Encoding.DER)
+
+        def getpeercert(self, binary_form: bool = False) -> bytes:
+            return self._der
+
+    assert _expired_resumption(Resumed(expired.cert_pem)) is not None
+    assert _expired_resumption(Resumed(fresh.cert_pem)) is None

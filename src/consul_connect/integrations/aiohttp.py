@@ -209,7 +209,7 @@ class ConnectConnector(BaseConnector):
                         self._factory,
                         ep.host,
                         ep.port,
-                        ssl=svc.client_context,
+                        ssl=svc.client_context_for(ep),
                         server_hostname="",
                         ssl_handshake_timeout=budget,
                     )

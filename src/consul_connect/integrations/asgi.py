@@ -49,6 +49,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from consul_connect.authz.authorizers import IntentionAuthorizer
+from consul_connect.authz.intentions import Decision
 from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
 from consul_connect.integrations._common import request_denied
@@ -137,6 +139,23 @@ def _headers(scope: Scope) -> list[tuple[str, str]]:
     ]
 
 
+def _request_independent(service: Service, identity: ServiceIdentity) -> Decision | None:
+    """The decision for every request from ``identity`` when no request detail matters.
+
+    Only for the local intention authorizer: when the intention that matches
+    ``identity`` has no L7 permissions (or none matches and the default applies), the
+    per-request decision equals this cached connection decision. ``None`` when the
+    request must be evaluated (L7 permissions, another authorizer, no local data).
+    """
+    authorizer = getattr(service, "authorizer", None)  # test doubles may have none
+    if type(authorizer) is not IntentionAuthorizer:
+        return None
+    decision = authorizer.decide(identity)
+    if decision is None or (decision.intention is not None and decision.intention.is_l7):
+        return None
+    return decision
+
+
 class IntentionsMiddleware:
     """ASGI middleware that enforces Consul L7 intentions on every HTTP request.
 
@@ -160,6 +179,10 @@ class IntentionsMiddleware:
         identity = peer_identity_from_scope(scope)
         if identity is None:
             allowed, reason = False, "no Connect peer identity on this connection"
+        elif (fixed := _request_independent(self.service, identity)) is not None:
+            # An L4 intention (or the default) decides: the request cannot change it,
+            # so its path and headers are not decoded.
+            allowed, reason = fixed.allowed, fixed.reason
         else:
             method = str(scope.get("method") or "GET")
             decision = self.service.authorize_request(

@@ -464,7 +464,7 @@ class _Bridge:
                     reader, writer = await asyncio.open_connection(
                         ep.host,
                         ep.port,
-                        ssl=ctx,
+                        ssl=ctx.for_endpoint((ep.host, ep.port)),
                         server_hostname="",
                         ssl_handshake_timeout=min(budget, HANDSHAKE_TIMEOUT),
                     )

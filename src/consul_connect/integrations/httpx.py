@@ -205,7 +205,9 @@ class _SyncEndpointBackend(httpcore.NetworkBackend):
         if remaining <= 0:
             raw.close()
             raise httpcore.ConnectTimeout("deadline exceeded before the TLS handshake")
-        tls = raw.start_tls(self._service.client_context, server_hostname=None, timeout=remaining)
+        tls = raw.start_tls(
+            self._service.client_context_for(ep), server_hostname=None, timeout=remaining
+        )
         try:
             verify_server_identity(tls.get_extra_info("socket"), ep.identity)
         except ServerIdentityError as exc:
@@ -420,7 +422,7 @@ class _AsyncEndpointBackend(httpcore.AsyncNetworkBackend):
             await raw.aclose()
             raise httpcore.ConnectTimeout("deadline exceeded before the TLS handshake")
         tls = await raw.start_tls(
-            self._service.client_context, server_hostname=None, timeout=remaining
+            self._service.client_context_for(ep), server_hostname=None, timeout=remaining
         )
         try:
             verify_server_identity(tls.get_extra_info("ssl_object"), ep.identity)

@@ -106,7 +106,11 @@ class _ConnectHTTPConnection(HTTPConnection):
             raise ConnectTimeoutError(self, f"connection to {ep.address} timed out")
         try:
             sock, _ = client_handshake(
-                raw, self._cc_service.client_context, ep.identity, timeout=remaining
+                raw,
+                self._cc_service.client_context,
+                ep.identity,
+                timeout=remaining,
+                session_key=(ep.host, ep.port),
             )
         except ServerIdentityError as exc:
             raise NewConnectionError(self, f"wrong server identity: {exc}") from exc
