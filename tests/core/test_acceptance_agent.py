@@ -10,13 +10,12 @@ event hook, and close() on the caller's loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,110 +24,25 @@ import httpx
 import pytest
 
 from consul_connect import _hub
-from consul_connect.agent.config import AgentConfig
 from consul_connect.devagent import DevAgent
 from consul_connect.discovery import Endpoint
 from consul_connect.errors import NoInstancesError, NotReadyError
 from consul_connect.service import Service, ServiceEvent, get_peer_identity
+from tests.core.support import EchoServer
+from tests.core.support import cfg as _cfg
+from tests.core.support import decides as _decides
+from tests.core.support import force_leaf_renewal as _force_leaf_renewal
+from tests.core.support import intention as _intention
+from tests.core.support import put as _put
+from tests.core.support import wait_for as _wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def _cfg(agent: DevAgent | str) -> AgentConfig:
-    return AgentConfig.from_address(agent if isinstance(agent, str) else agent.address)
-
-
-def _put(agent: DevAgent, path: str, body: Any, **params: str) -> None:
-    r = httpx.put(f"{agent.http_addr}{path}", params=params, json=body, timeout=10)
-    assert r.status_code == 200, r.text
-
-
-def _intention(agent: DevAgent, source: str, dest: str, action: str) -> None:
-    _put(
-        agent,
-        "/v1/connect/intentions/exact",
-        {"Action": action},
-        source=source,
-        destination=dest,
-    )
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _decides(svc: Service, caller: Service, allowed: bool) -> Callable[[], bool]:
-    def check() -> bool:
-        d = svc.authorizer.decide(caller.identity)
-        return d is not None and d.allowed is allowed
-
-    return check
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _force_leaf_renewal(agent: DevAgent, service: str) -> None:
-    def go(ctx: Any) -> None:
-        from consul_connect.devagent.ca import LEAF_TABLE
-
-        ctx.extensions["connect_ca"].leaves[service].force_expire_after = time.time()
-        ctx.store.touch(LEAF_TABLE)
-
-    agent.call(go)
-
-
-@pytest.fixture
-def services(agent: DevAgent) -> Iterator[Callable[..., Service]]:
-    made: list[Service] = []
-
-    def make(name: str, **kw: Any) -> Service:
-        svc = Service(name, agent=_cfg(agent), **kw)
-        made.append(svc)
-        return svc
-
-    yield make
-    for s in made:
-        s.close()
-
-
-class EchoServer:
-    """A Service's blocking listener echoing on threads until closed."""
-
-    def __init__(self, svc: Service) -> None:
-        self.svc = svc
-        self.listener = svc.listen()
-        self.seen: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> Endpoint:
-        host, port = self.listener.address
-        return Endpoint(host, port, self.svc.identity)
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            for sock, identity in self.listener:
-                self.seen.append(identity.service)
-                threading.Thread(target=self._echo, args=(sock,), daemon=True).start()
-
-    @staticmethod
-    def _echo(sock: Any) -> None:
-        with contextlib.suppress(OSError), sock:
-            while data := sock.recv(4096):
-                sock.sendall(data)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
 
 
 def _round_trip(client: Service, target: Any, payload: bytes = b"ping") -> bool:

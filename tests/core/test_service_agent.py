@@ -7,7 +7,7 @@ import contextlib
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,88 +18,12 @@ from consul_connect.devagent import DevAgent
 from consul_connect.discovery import Endpoint
 from consul_connect.errors import AgentPermissionError, NotReadyError, ServerIdentityError
 from consul_connect.service import Service, ServiceEvent, get_peer_identity
-
-
-def _cfg(agent: DevAgent, token: str = "") -> AgentConfig:
-    cfg = AgentConfig.from_address(agent.address)
-    return cfg.replace(token=token) if token else cfg
-
-
-def _intention(agent: DevAgent, source: str, dest: str, action: str, token: str = "") -> None:
-    headers = {"X-Consul-Token": token} if token else {}
-    r = httpx.put(
-        f"{agent.http_addr}/v1/connect/intentions/exact",
-        params={"source": source, "destination": dest},
-        json={"Action": action},
-        headers=headers,
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _decides(svc: Service, caller: Service, allowed: bool) -> Callable[[], bool]:
-    def check() -> bool:
-        d = svc.authorizer.decide(caller.identity)
-        return d is not None and d.allowed is allowed
-
-    return check
-
-
-class EchoServer:
-    """A sync Connect echo server on a thread (accept loop until closed)."""
-
-    def __init__(self, svc: Service) -> None:
-        self.svc = svc
-        self.listener = svc.listen()
-        self.seen: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> Endpoint:
-        host, port = self.listener.address
-        return Endpoint(host, port, self.svc.identity)
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            for sock, identity in self.listener:
-                self.seen.append(identity.service)
-                threading.Thread(target=self._echo, args=(sock,), daemon=True).start()
-
-    @staticmethod
-    def _echo(sock: Any) -> None:
-        with contextlib.suppress(OSError), sock:
-            while True:
-                data = sock.recv(4096)
-                if not data:
-                    return
-                sock.sendall(data)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
-
-
-@pytest.fixture
-def services(agent: DevAgent) -> Iterator[Callable[..., Service]]:
-    made: list[Service] = []
-
-    def make(name: str, **kw: Any) -> Service:
-        svc = Service(name, agent=kw.pop("agent_config", _cfg(agent)), **kw)
-        made.append(svc)
-        return svc
-
-    yield make
-    for s in made:
-        s.close()
+from tests.core.support import EchoServer
+from tests.core.support import cfg as _cfg
+from tests.core.support import decides as _decides
+from tests.core.support import force_leaf_renewal as _force_leaf_renewal
+from tests.core.support import intention as _intention
+from tests.core.support import wait_for as _wait_for
 
 
 def test_two_services_talk_both_ways_through_the_agent(
@@ -264,17 +188,6 @@ def test_token_without_service_write_gives_the_typed_error(start_agent: Any) -> 
         assert "service:write" in str(info.value)
     finally:
         svc.close()
-
-
-def _force_leaf_renewal(agent: DevAgent, service: str) -> None:
-    def go(ctx: Any) -> None:
-        from consul_connect.devagent.ca import LEAF_TABLE
-
-        entry = ctx.extensions["connect_ca"].leaves[service]
-        entry.force_expire_after = time.time()
-        ctx.store.touch(LEAF_TABLE)
-
-    agent.call(go)
 
 
 def _rotate_ca(agent: DevAgent) -> None:
