@@ -166,7 +166,9 @@ class Service:
     With ``register=True`` and a ``port`` the Service registers itself as a
     Connect-native instance with a TTL check it keeps passing.
     ``close_denied_connections`` closes accepted connections whose peer a later
-    intention change denies.
+    intention change denies. ``resume_sessions`` lets dials offer the TLS session of
+    an earlier connection to the same instance (``False``: every dial makes a full
+    handshake).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class Service:
         meta: dict[str, str] | None = None,
         check_ttl: float = 15.0,
         close_denied_connections: bool = True,
+        resume_sessions: bool = True,
         _static: tuple[Leaf, RootSet] | None = None,
     ) -> None:
         if not name:
@@ -210,7 +213,9 @@ class Service:
         self._hub: Any = None
         self._registration: Any = None
         self._server_ctx = DynamicServerContext(self._current_material)
-        self._client_ctx = DynamicClientContext(self._current_material)
+        self._client_ctx = DynamicClientContext(
+            self._current_material, resume_sessions=resume_sessions
+        )
 
         self._runtime = Runtime.acquire()
         self._agent_config: AgentConfig | None = None
@@ -250,6 +255,7 @@ class Service:
         roots_pem: str,
         authorizer: Authorizer,
         close_denied_connections: bool = True,
+        resume_sessions: bool = True,
     ) -> Service:
         """A Service with fixed certificate material and no agent (dev mode, tests).
 
@@ -264,14 +270,22 @@ class Service:
             name,
             authorizer=authorizer,
             close_denied_connections=close_denied_connections,
+            resume_sessions=resume_sessions,
             _static=(leaf, roots),
         )
 
     @classmethod
-    def from_test_ca(cls, ca: Any, name: str, *, authorizer: Authorizer) -> Service:
+    def from_test_ca(
+        cls, ca: Any, name: str, *, authorizer: Authorizer, resume_sessions: bool = True
+    ) -> Service:
         """A Service whose leaf is issued by a :class:`consul_connect.testing.TestCA`."""
         leaf = ca.issue(name)
-        return cls(name, authorizer=authorizer, _static=(leaf, ca.roots()))
+        return cls(
+            name,
+            authorizer=authorizer,
+            resume_sessions=resume_sessions,
+            _static=(leaf, ca.roots()),
+        )
 
     def _static_authorizer(self, authorizer: Authorizer | str) -> Authorizer:
         if isinstance(authorizer, str):
@@ -407,7 +421,7 @@ class Service:
         return self._server_ctx
 
     @property
-    def client_context(self) -> ssl.SSLContext:
+    def client_context(self) -> DynamicClientContext:
         """An ``SSLContext`` presenting this Service's newest leaf (verify the server yourself)."""
         return self._client_ctx
 

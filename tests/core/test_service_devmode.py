@@ -315,6 +315,38 @@ async def test_second_async_dial_resumes_and_still_checks_identity(
     assert reused == [False, True]
 
 
+async def test_with_resumption_off_every_async_dial_is_a_full_handshake(ca: TestCA) -> None:
+    web = Service.from_test_ca(
+        ca, "web", authorizer=AllowTrustDomain(ca.trust_domain), resume_sessions=False
+    )
+    api = Service.from_test_ca(ca, "api", authorizer=AllowTrustDomain(ca.trust_domain))
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(16))
+        await writer.drain()
+        writer.close()
+
+    server = await api.start_server(echo)
+    port = server.sockets[0].getsockname()[1]
+    target = Endpoint("127.0.0.1", port, api.identity)
+    reused = []
+    try:
+        for _ in range(3):
+            reader, writer = await web.open_connection(target)
+            writer.write(b"z")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(16), 5) == b"z"
+            reused.append(writer.get_extra_info("ssl_object").session_reused)
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+        await web.aclose()
+        await api.aclose()
+    assert reused == [False, False, False]
+    assert web.client_context.sessions_offered == 0
+
+
 def test_a_resumed_session_with_a_since_expired_certificate_is_refused(ca: TestCA) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

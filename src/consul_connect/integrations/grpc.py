@@ -412,7 +412,7 @@ def _h2_context(service: Service) -> DynamicClientContext:
             cache[0], cache[1] = base, derived
         return derived
 
-    ctx = DynamicClientContext(current)
+    ctx = DynamicClientContext(current, resume_sessions=service.client_context.resume_sessions)
     _h2_contexts[service] = ctx
     return ctx
 
