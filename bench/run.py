@@ -49,29 +49,32 @@ from sidecar import NginxSet, nginx_available
 
 DASH = "\u2013"
 
-# Display order and meaning of the scenarios. Families: the server's event loop
-# (asyncio's default, or uvloop) and whether TLS clients resume sessions ("+resume").
+# Display order and meaning of the scenarios. Families: the event loop of both the
+# Python server and the load generator (asyncio's default, or uvloop) and whether TLS
+# clients resume sessions ("+resume").
 DESCRIPTIONS = {
     "plain": "plaintext HTTP, Python client -> uvicorn (h11) serving the app (upper bound)",
     "mtls": "plain mTLS in Python: same server with an SSLContext, CA check only, no authz",
     "native-intentions": "consul-connect ASGI serve(), intention authorizer (complete), "
-    "client Service.open_connection; library as shipped",
+    "client Service('web', resume_sessions=False).open_connection (full handshakes)",
     "native-agent": "consul-connect ASGI serve(), agent authorize endpoint (simple); as shipped",
     "sidecar": "plaintext client -> nginx -> mTLS -> nginx -> plaintext server (one hop each side)",
     "ceiling": "nginx answering 200 itself over mTLS (OpenSSL + C HTTP server ceiling)",
-    "plain-uvloop": "plain, server on uvloop",
-    "mtls-uvloop": "mtls, server on uvloop",
-    "native-intentions-uvloop": "native-intentions, server (serve() and its protocol) on uvloop",
-    "sidecar-uvloop": "sidecar pair in front of plain-uvloop",
+    "plain-uvloop": "plain, server and load generator on uvloop",
+    "mtls-uvloop": "mtls, server and load generator on uvloop",
+    "native-intentions-uvloop": "native-intentions, server (serve() and its protocol) and "
+    "client (Service.open_connection) on uvloop",
+    "sidecar-uvloop": "sidecar pair in front of plain-uvloop, load generator on uvloop",
+    "ceiling-uvloop": "ceiling, load generator on uvloop",
     "mtls+resume": "mtls, the client resumes TLS sessions (plain SSLContext + session=)",
-    "native-intentions+resume": "native-intentions, the client runs the proposed "
-    "Service.open_connection (patches.py 'dial'): sessions resumed per endpoint through "
-    "DynamicClientContext.for_endpoint, no runtime-loop hop for an Endpoint",
+    "native-intentions+resume": "native-intentions, the client as shipped: "
+    "Service('web').open_connection resumes sessions per instance",
     "sidecar+resume": "sidecar with tickets on the server side and proxy_ssl_session_reuse on",
     "ceiling+resume": "ceiling with tickets on, the client resumes sessions",
     "mtls-uvloop+resume": "mtls-uvloop, the client resumes sessions",
     "native-intentions-uvloop+resume": "native-intentions-uvloop, the client resumes sessions",
     "sidecar-uvloop+resume": "sidecar-uvloop, client-side nginx reuses sessions",
+    "ceiling-uvloop+resume": "ceiling+resume, load generator on uvloop",
     "httpx-plain": "httpx.AsyncClient plaintext -> plain server",
     "httpx-native": "httpx AsyncConnectTransport(Service) -> native-intentions",
 }
@@ -81,12 +84,18 @@ NATIVES = ["native-intentions", "native-agent", "native-intentions+resume",
            "native-intentions-uvloop", "native-intentions-uvloop+resume"]
 
 
+# Keep-alive at a fixed request rate (--rate): latency where no scenario is saturated.
+RATE_SCENARIOS = ["plain", "mtls", "native-intentions", "native-agent", "sidecar", "ceiling",
+                  "plain-uvloop", "mtls-uvloop", "native-intentions-uvloop", "sidecar-uvloop"]
+
+
 def family(name: str) -> dict[str, str]:
-    """The baselines a scenario is compared with: same server loop, same resumption."""
+    """The baselines a scenario is compared with: same event loops, same resumption."""
     uv = "-uvloop" if "-uvloop" in name else ""
     rs = "+resume" if name.endswith("+resume") else ""
-    return {"mtls": f"mtls{uv}{rs}", "sidecar": f"sidecar{uv}{rs}", "ceiling": f"ceiling{rs}",
-            "plain": f"plain{uv}", "label": ("uvloop" if uv else "asyncio") + rs}
+    return {"mtls": f"mtls{uv}{rs}", "sidecar": f"sidecar{uv}{rs}",
+            "ceiling": f"ceiling{uv}{rs}", "plain": f"plain{uv}",
+            "label": ("uvloop" if uv else "asyncio") + rs}
 
 
 def uvloop_available() -> bool:
@@ -100,6 +109,7 @@ class Scenario:
     tls: str
     client: str = "raw"
     resume: bool = False  # TLS clients resume sessions (new-connection mode only)
+    loop: str = "asyncio"  # the load generator's event loop
     server: list[Proc] = field(default_factory=list)  # server app + server-side sidecar
     client_side: list[Proc] = field(default_factory=list)  # client-side sidecar
     proxies: list[Proc] = field(default_factory=list)
@@ -162,13 +172,15 @@ class Bench:
         for name, (proc, port) in started.items():
             wait_port(port, 60, proc.popen)
             tls = {"plain": "none", "mtls": "mtls"}.get(name.removesuffix("-uvloop"), "native")
-            self.scenarios[name] = Scenario(name, port, tls, server=[proc])
+            self.scenarios[name] = Scenario(name, port, tls, server=[proc],
+                                            loop="uvloop" if name != kind else "asyncio")
         # Resumption changes only new connections: these run in "conn" mode only.
         for name in ("mtls", "native-intentions", "mtls-uvloop", "native-intentions-uvloop"):
             if name in self.scenarios and (not a.smoke or name == "native-intentions"):
                 base = self.scenarios[name]
                 self.scenarios[f"{name}+resume"] = Scenario(
-                    f"{name}+resume", base.port, base.tls, resume=True, server=base.server)
+                    f"{name}+resume", base.port, base.tls, resume=True, server=base.server,
+                    loop=base.loop)
         if with_nginx:
             api, web = fetch_pem(self.addr, "api"), fetch_pem(self.addr, "web")
             self.nginx = NginxSet(api, web)
@@ -186,15 +198,22 @@ class Bench:
                     self.scenarios[f"sidecar{uv}{rs}"] = Scenario(
                         f"sidecar{uv}{rs}", c_port, "none", resume=bool(rs),
                         server=[plain_proc, s_side], client_side=[c_side],
-                        proxies=[s_side, c_side])
+                        proxies=[s_side, c_side], loop="uvloop" if uv else "asyncio")
             ceil_port = free_port()
             ceil = self.nginx.ceiling(ceil_port)
             self.scenarios["ceiling"] = Scenario("ceiling", ceil_port, "mtls", server=[ceil])
+            if with_uvloop and not a.smoke:
+                self.scenarios["ceiling-uvloop"] = Scenario("ceiling-uvloop", ceil_port, "mtls",
+                                                            server=[ceil], loop="uvloop")
             if not a.smoke:
                 ceil_port = free_port()
                 ceil = self.nginx.ceiling(ceil_port, tickets=True, name="ceiling-tickets")
                 self.scenarios["ceiling+resume"] = Scenario("ceiling+resume", ceil_port, "mtls",
                                                             resume=True, server=[ceil])
+                if with_uvloop:
+                    self.scenarios["ceiling-uvloop+resume"] = Scenario(
+                        "ceiling-uvloop+resume", ceil_port, "mtls", resume=True, server=[ceil],
+                        loop="uvloop")
         if not a.smoke:
             self.scenarios["httpx-plain"] = Scenario(
                 "httpx-plain", started["plain"][1], "none", "httpx", server=[started["plain"][0]])
@@ -225,6 +244,7 @@ class Bench:
                              scn.client, "--port", str(scn.port), "--agent", self.addr,
                              "--conns", str(a.conns), "--warmup", str(a.warmup),
                              "--duration", str(duration), *(["--resume"] if scn.resume else []),
+                             "--loop", scn.loop,
                              *(extra or []))
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -295,6 +315,17 @@ class Bench:
                     _log(f"round {rnd + 1} {mode:4s} {name:22s} {res['rps']:9.0f} req/s "
                          f"p50 {res['p50_ms']:6.2f} p99 {res['p99_ms']:6.2f} ms "
                          f"fail {res['failures']}")
+            # Latency at a fixed load: keep-alive, paced to --rate requests/s in total.
+            order = [n for n in RATE_SCENARIOS if n in self.scenarios]
+            k = rnd % max(1, len(order))
+            for name in order[k:] + order[:k]:
+                res = self.loadgen(self.scenarios[name], "keep", duration=a.duration,
+                                   extra=["--rate", str(a.rate)])
+                res["round"] = rnd
+                raw.setdefault("rate", {}).setdefault(name, []).append(res)
+                _log(f"round {rnd + 1} rate {name:22s} {res['rps']:9.0f} req/s "
+                     f"p50 {res['p50_ms']:6.2f} p99 {res['p99_ms']:6.2f} ms "
+                     f"fail {res['failures']}")
         return raw
 
     # ------------------------------------------------------------- extra pieces
@@ -497,11 +528,14 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def targets(an: dict[str, Any], micro: dict[str, Any], rot: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(an: dict[str, Any], micro: dict[str, Any], rot: dict[str, Any],
+            rate: float = 1000.0) -> list[dict[str, Any]]:
     """Each acceptance target with its measured value, pass/miss and the margin.
 
     Every native variant is judged against the baselines of its own family (same
-    server event loop, same session resumption): :func:`family`.
+    event loops, same session resumption): :func:`family`. Added p99 is judged twice:
+    at a fixed request rate every scenario carries (the latency a hop adds) and with
+    the clients flat out (where p99 mostly follows throughput).
     """
     rows: list[dict[str, Any]] = []
 
@@ -533,15 +567,18 @@ def targets(an: dict[str, Any], micro: dict[str, Any], rot: dict[str, Any]) -> l
             vs=fam["plain"])
         add("keep-alive req/s >= 1.5x sidecar pair", nat, ratio("keep", nat, fam["sidecar"]),
             1.5, vs=fam["sidecar"])
-        added = an.get("keep", {}).get("_added_p99_ms", {}).get(fam["plain"], {})
-        if nat in added and fam["sidecar"] in added:
+        for mode, how in (("rate", f"at a fixed {rate:,.0f} req/s"),
+                          ("keep", "saturated, clients flat out")):
+            added = an.get(mode, {}).get("_added_p99_ms", {}).get(fam["plain"], {})
+            if nat not in added or fam["sidecar"] not in added:
+                continue
             nat_add, side_add = added[nat]["median"], added[fam["sidecar"]]["median"]
             goal = side_add / 2
             ok = nat_add <= goal
-            rows.append({"target": "keep-alive added p99 over plaintext <= 1/2 sidecar's",
-                         "native": nat, "vs": fam["sidecar"], "goal": goal, "value": nat_add,
-                         "unit": "ms", "min": added[nat]["min"], "max": added[nat]["max"],
-                         "status": "pass" if ok else "miss",
+            rows.append({"target": f"keep-alive added p99 over plaintext <= 1/2 sidecar's "
+                         f"({how})", "native": nat, "vs": fam["sidecar"], "goal": goal,
+                         "value": nat_add, "unit": "ms", "min": added[nat]["min"],
+                         "max": added[nat]["max"], "status": "pass" if ok else "miss",
                          "margin_pct": ((goal - nat_add) / goal * 100) if goal > 0
                          else float("nan")})
     big = micro.get("authz", {}).get("10000") or micro.get("authz", {}).get(
@@ -600,9 +637,12 @@ def plots(out: Path, an: dict[str, Any], rot: dict[str, Any]) -> list[str]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         made.append(name)
-    # Latency (p50/p99) per scenario, both modes.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, mode in zip(axes, ("conn", "keep"), strict=True):
+    # Latency (p50/p99) per scenario: both modes, and keep-alive at a fixed rate.
+    titles["rate"] = "keep-alive at a fixed rate"
+    lat_modes = [m for m in ("conn", "keep", "rate") if an.get(m)]
+    fig, axes = plt.subplots(1, len(lat_modes), figsize=(5.5 * len(lat_modes), 4.5),
+                             squeeze=False)
+    for ax, mode in zip(axes[0], lat_modes, strict=True):
         m = an.get(mode, {})
         names = [n for n in DESCRIPTIONS if n in m]
         if not names:
@@ -612,7 +652,7 @@ def plots(out: Path, an: dict[str, Any], rot: dict[str, Any]) -> list[str]:
         ax.bar([i + 0.2 for i in x], [m[n]["p99_ms"]["median"] for n in names], 0.4, label="p99")
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=40, ha="right")
-        ax.set_ylabel("ms (loaded, 8 concurrent clients)")
+        ax.set_ylabel("ms (fixed rate)" if mode == "rate" else "ms (8 clients flat out)")
         ax.set_title(titles[mode])
         ax.legend()
     fig.tight_layout()
@@ -676,14 +716,17 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Method: {cfg['rounds']} interleaved rounds; each round runs every scenario for "
         f"{cfg['duration']} s after a {cfg['warmup']} s warm-up with {cfg['conns']} concurrent "
-        "clients. Client (load generator, asyncio streams) and server run in separate "
+        "clients. Client (load generator, Python streams) and server run in separate "
         "processes on the same 2 cores, nothing pinned; all traffic on 127.0.0.1. "
         "Every ratio is taken within a round and then summarised as **median (min\u2013max)** "
-        "over rounds. TLS 1.3. Scenario families: the *server's* event loop (asyncio's "
-        "default, or `-uvloop`) and whether TLS clients resume sessions (`+resume`; all "
-        "TLS servers, nginx included, issue tickets; without `+resume` every handshake is "
-        "full); the load generator is the same asyncio client everywhere. Each native "
+        "over rounds. TLS 1.3. Scenario families: the event loop of the Python processes, "
+        "server and load generator alike (asyncio's default, or `-uvloop`), and whether TLS "
+        "clients resume sessions (`+resume`; all TLS servers, nginx included, issue "
+        "tickets; without `+resume` every handshake is full). Each native "
         "variant is judged against the baselines of its own family (column *vs*). "
+        f"Latency at a fixed load: keep-alive, the same {cfg['conns']} clients paced to "
+        f"{cfg.get('rate', 1000):,.0f} requests/s in total (open loop: a request due while "
+        "the previous one is still out counts from when it was due). "
         "CPU s per 1,000 requests: *server* = server process + server-side sidecar; "
         "*total* = server + load generator + client-side sidecar + dev agent.",
         "",
@@ -710,7 +753,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"| **{t['status']}** | {_f(t['margin_pct'], 0)} % |")
     lines += ["", "Margin: how far the median is above (+) or below (\u2212) the goal, in % of the "
               "goal (for 'lower is better' targets, + means under the limit).", ""]
-    for mode, title in (("conn", "New connection per request"), ("keep", "Keep-alive")):
+    for mode, title in (("conn", "New connection per request"), ("keep", "Keep-alive"),
+                        ("rate", f"Keep-alive at a fixed {cfg.get('rate', 1000):,.0f} req/s")):
         m = an.get(mode)
         if not m:
             continue
@@ -736,6 +780,13 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{_f(s['total_cpu_per_1k']['median'], 3)} | "
                 f"{_f(s['server_rss_kib']['median'] / 1024, 1)} | "
                 f"{_f(s['failures']['max'], 0)} |")
+        if mode == "rate":
+            added = m.get("_added_p99_ms", {})
+            parts = [f"{name} {_mm(added[family(name)['plain']][name])}"
+                     for name in DESCRIPTIONS if name in m and family(name)["plain"] in added
+                     and not name.startswith("plain")]
+            lines += ["", "Added p99 over the same family's plaintext (same round, ms): "
+                      + ", ".join(parts)]
         lines.append("")
     lines += ["Scenarios:", ""] + [f"- **{k}**: {v}" for k, v in DESCRIPTIONS.items()
                                    if k in an.get("conn", {})] + [""]
@@ -826,14 +877,13 @@ def _before_after_md(res: dict[str, Any]) -> list[str]:
             f"connections {_f(old_conn['native-intentions']['rps']['median'], 0)} -> "
             f"{_f(old_conn['native-intentions+fix']['rps']['median'], 0)} conn/s "
             "(first run, same rounds).")
-    lines.append("- **Proposed `Service.open_connection`** (TLS session resumption per "
-                 "endpoint through `DynamicClientContext.for_endpoint`, no runtime-loop hop for "
-                 "an `Endpoint`; one ticket per server handshake is shipped in `tls.py`): "
-                 "native new connections "
+    lines.append("- **Session resumption in `Service.open_connection`** (shipped: sessions "
+                 "resumed per instance, no runtime-loop hop for an `Endpoint`; "
+                 "`resume_sessions=False` turns it off): native new connections "
                  f"{rel('conn', 'native-intentions+resume', 'native-intentions')} of full "
                  "handshakes (same rounds); uvloop server: "
                  f"{rel('conn', 'native-intentions-uvloop+resume', 'native-intentions-uvloop')}.")
-    lines.append("- **uvloop on the server** (`serve()` on a uvloop loop): new connections "
+    lines.append("- **uvloop** (`serve()` and the client on uvloop loops): new connections "
                  f"{rel('conn', 'native-intentions-uvloop', 'native-intentions')}, keep-alive "
                  f"{rel('keep', 'native-intentions-uvloop', 'native-intentions')} of asyncio.")
     lines.append("- **Both**: new connections "
@@ -1019,6 +1069,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--conns", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="requests/s in total for the fixed-load latency runs")
     parser.add_argument("--rotation-duration", type=float, default=8.0)
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--no-nginx", action="store_true")
@@ -1041,7 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
             res["rotation"] = bench.rotation()
         finally:
             bench.close()
-        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"])
+        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
+                             res["config"].get("rate", 1000.0))
         res["rotation_rerun"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         args.render_only = True
@@ -1050,13 +1103,15 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((out / "results.json").read_text())
         if args.reading and Path(args.reading).exists():
             res["reading"] = Path(args.reading).read_text().strip()
-        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"])
+        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
+                             res["config"].get("rate", 1000.0))
         res["plots"] = plots(out, res["analysis"], res["rotation"])
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         (out / "RESULTS.md").write_text(markdown(res))
         return 0
     if args.smoke:
         args.rounds, args.duration, args.warmup, args.conns = 1, 0.3, 0.1, 2
+        args.rate = 200.0
         args.rotation_duration = 1.5
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
@@ -1095,7 +1150,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # keep the rest of the run
         res["micro"] = {"error": str(exc)[-1500:]}
         _log(f"micro-benchmarks failed: {exc}")
-    res["targets"] = targets(res["analysis"], res["micro"], res["rotation"])
+    res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
+                             res["config"].get("rate", 1000.0))
     if args.reading and Path(args.reading).exists():
         res["reading"] = Path(args.reading).read_text().strip()
     res["elapsed_s"] = time.monotonic() - t0

@@ -14,10 +14,12 @@
 
 ``--resume``: TLS clients offer the session of an earlier connection to the same
 server (``mtls``: a plain context that resumes; ``native``: ``Service.open_connection``
-with the proposed per-endpoint resumption and Endpoint fast path, ``patches.py``'s
-``dial``). Without it
-every handshake is a full one. The client always runs on asyncio's default loop, so
-only the server's loop changes between scenario families.
+as shipped, which resumes per instance). Without it every handshake is a full one
+(``native``: ``Service("web", resume_sessions=False)``).
+
+``--loop uvloop`` runs the load generator on uvloop (the uvloop scenario family runs
+both sides on it). ``--rate R`` (keep-alive only) paces the clients to R requests/s in
+total instead of sending flat out: latency at a fixed load every scenario can carry.
 
 Prints ``start`` when the warm-up is over and, when the measured window ends, one JSON
 line: requests, failures, req/s, latency percentiles (ms), own CPU seconds and RSS.
@@ -163,6 +165,44 @@ async def raw_keep_worker(open_: Open, rec: Recorder) -> None:
             writer.transport.abort()
 
 
+async def paced_keep_worker(open_: Open, rec: Recorder, interval: float, offset: float) -> None:
+    """One keep-alive connection sending a request every ``interval`` s (open loop).
+
+    A request that is due while the previous one is still waiting for its response
+    counts its latency from when it was due (the wait is part of what a caller sees);
+    otherwise from when it is written, so the timer's own lateness is not counted.
+    """
+    writer: asyncio.StreamWriter | None = None
+    reader: asyncio.StreamReader | None = None
+    due = time.monotonic() + offset
+    last_done = 0.0
+    try:
+        while rec.more():
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            began = due if last_done > due else time.monotonic()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(open_(), IO_TIMEOUT)
+                    began = time.monotonic()  # connecting is not a request's latency
+                assert reader is not None and writer is not None
+                writer.write(REQUEST)
+                await asyncio.wait_for(_read_response(reader), IO_TIMEOUT)
+            except Exception as exc:
+                rec.fail(began, exc)
+                if writer is not None:
+                    writer.transport.abort()
+                writer = reader = None
+            else:
+                rec.ok(began)
+            last_done = time.monotonic()
+            due += interval
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+
+
 async def httpx_worker(client: Any, url: str, rec: Recorder) -> None:
     while rec.more():
         began = time.monotonic()
@@ -181,14 +221,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
         if args.tls == "native":
-            if args.resume:
-                import patches
-
-                patches.apply(["dial"])
             from consul_connect.agent.config import AgentConfig
             from consul_connect.service import Service
 
-            svc = Service("web", agent=AgentConfig.from_address(args.agent))
+            svc = Service("web", agent=AgentConfig.from_address(args.agent),
+                          resume_sessions=args.resume)
             await svc.wait_ready_async(30)
         if args.client == "httpx":
             import httpx
@@ -214,9 +251,16 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             open_ = _opener(args, svc)
             worker = raw_conn_worker if args.mode == "conn" else raw_keep_worker
+            if args.rate > 0:
+                slots = iter(range(args.conns))
+                interval = args.conns / args.rate
 
-            def make(rec: Recorder) -> Awaitable[None]:
-                return worker(open_, rec)
+                def make(rec: Recorder) -> Awaitable[None]:
+                    return paced_keep_worker(open_, rec, interval, next(slots) / args.rate)
+            else:
+
+                def make(rec: Recorder) -> Awaitable[None]:
+                    return worker(open_, rec)
 
         now = time.monotonic()
         start_at = now + args.warmup
@@ -320,11 +364,20 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=10_000_000)
     parser.add_argument("--resume", action="store_true",
                         help="TLS clients resume sessions of earlier connections")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="keep-alive only: R requests/s in total, paced (0: flat out)")
     parser.add_argument("--timeline", action="store_true",
                         help="per-100 ms counts and worst latency; server certs seen")
     parser.add_argument("--profile", default="",
                         help="sample this client with pyinstrument; text report to FILE")
     args = parser.parse_args()
+    if args.rate > 0 and args.mode != "keep":
+        parser.error("--rate needs --mode keep")
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
     if not args.profile:
         result = asyncio.run(_run(args))
         print(json.dumps(result), flush=True)

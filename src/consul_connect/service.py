@@ -79,8 +79,26 @@ _BACKOFF_CAP = 30.0
 _CLOSE_TIMEOUT = 10.0
 
 # The peer identity of connections this library accepted or dialled, keyed by
-# the object the application holds (StreamWriter, transport or SSLSocket).
+# the object the application holds (StreamWriter, transport or SSLSocket) and by the
+# connection's SSLObject (uvloop's transports cannot be weakly referenced).
 _peer_identities: weakref.WeakKeyDictionary[Any, ServiceIdentity] = weakref.WeakKeyDictionary()
+
+
+def _remember_peer(identity: ServiceIdentity, *conns: Any) -> None:
+    for conn in conns:
+        with contextlib.suppress(TypeError):  # not weakly referenceable
+            _peer_identities[conn] = identity
+
+
+def _remember_stream_peer(identity: ServiceIdentity, writer: asyncio.StreamWriter) -> None:
+    _remember_peer(identity, writer, writer.transport, writer.get_extra_info("ssl_object"))
+
+
+def _lookup_peer(conn: Any) -> ServiceIdentity | None:
+    try:
+        return _peer_identities.get(conn)
+    except TypeError:
+        return None
 
 
 def get_peer_identity(conn: Any) -> ServiceIdentity | None:
@@ -89,9 +107,11 @@ def get_peer_identity(conn: Any) -> ServiceIdentity | None:
     ``conn`` is an ``asyncio.StreamWriter``, its transport, or an ``ssl.SSLSocket``.
     Returns None for connections that did not come from a Service.
     """
-    found = _peer_identities.get(conn)
+    found = _lookup_peer(conn)
     if found is None and isinstance(conn, asyncio.StreamWriter):
-        found = _peer_identities.get(conn.transport)
+        found = _lookup_peer(conn.transport)
+    if found is None and hasattr(conn, "get_extra_info"):
+        found = _lookup_peer(conn.get_extra_info("ssl_object"))
     return found
 
 
@@ -212,7 +232,9 @@ class Service:
         self._tasks: list[asyncio.Task[Any]] = []
         self._hub: Any = None
         self._registration: Any = None
-        self._server_ctx = DynamicServerContext(self._current_material)
+        self._server_ctx = DynamicServerContext(
+            self._current_material, on_handshake_failure=self._handshake_failed
+        )
         self._client_ctx = DynamicClientContext(
             self._current_material, resume_sessions=resume_sessions
         )
@@ -717,6 +739,9 @@ class Service:
         log.info("service %s refused a request from %s: %s", self.name, identity.uri, reason)
         self._emit(ServiceEvent("request_denied", self.name, peer=identity, reason=reason))
 
+    def _handshake_failed(self, reason: str) -> None:
+        self._reject(None, f"handshake failed: {reason}")
+
     def _reject(self, identity: ServiceIdentity | None, reason: str) -> None:
         c = self._counters
         c.rejected += 1
@@ -803,24 +828,15 @@ class Service:
         handshake_timeout = float(kwargs.pop("ssl_handshake_timeout", HANDSHAKE_TIMEOUT))
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            # The handshake runs here, not inside asyncio's server, so that a failed one
-            # (bad certificate, garbage, a stall) is counted and logged with its reason.
-            # start_tls must be the first await: it pauses reading before any byte of the
-            # ClientHello can land in the plain-text reader.
-            try:
-                await writer.start_tls(self._server_ctx, ssl_handshake_timeout=handshake_timeout)
-            except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError are OSErrors
-                writer.transport.abort()
-                self._reject(None, f"handshake failed: {_describe(exc)}")
-                return
+            # The loop has done the handshake (a failed one is counted and logged by the
+            # server context's hook); authorize before the handler sees a byte.
             ssl_obj = writer.get_extra_info("ssl_object")
             try:
                 identity = await self.authorize_peer_async(ssl_obj)
             except PeerRejected:
                 writer.transport.abort()
                 return
-            _peer_identities[writer] = identity
-            _peer_identities[writer.transport] = identity
+            _remember_stream_peer(identity, writer)
             loop = asyncio.get_running_loop()
             transport = writer.transport
 
@@ -833,7 +849,14 @@ class Service:
             finally:
                 self._untrack(token)
 
-        server = await asyncio.start_server(on_connect, host, port, **kwargs)
+        server = await asyncio.start_server(
+            on_connect,
+            host,
+            port,
+            ssl=self._server_ctx,
+            ssl_handshake_timeout=handshake_timeout,
+            **kwargs,
+        )
         self._servers.append((asyncio.get_running_loop(), server))
         return server
 
@@ -1010,8 +1033,7 @@ class Service:
                     writer.transport.abort()
                 continue
             self._counters.dialed += 1
-            _peer_identities[opened] = ep.identity
-            _peer_identities[opened.transport] = ep.identity
+            _remember_stream_peer(ep.identity, opened)
             return reader, opened
         raise self._dial_error(target, failures, identity_failures)
 

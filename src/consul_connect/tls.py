@@ -208,8 +208,48 @@ def _harden(ctx: ssl.SSLContext, alpn_protocols: Sequence[str] | None) -> None:
         ctx.set_alpn_protocols(list(alpn_protocols))
 
 
+HandshakeFailureHook = Callable[[str], None]
+"""Called with a reason when a server-side handshake fails or is abandoned."""
+
+_NOT_FINISHED = "did not complete (timed out, or the peer went away)"
+
+
+class _ServerSSLObject(ssl.SSLObject):
+    """The ``SSLObject`` of server contexts: reports a handshake that fails or never ends.
+
+    Event loops (asyncio's and uvloop's) run server handshakes themselves and drop a
+    failed connection silently; this is where the reason can still be seen. Only
+    objects handed out by a :class:`DynamicServerContext` with a hook report.
+    """
+
+    _cc_hook: HandshakeFailureHook | None = None
+    _cc_settled = False
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self._cc_report(str(exc) or type(exc).__name__)
+            raise
+        self._cc_settled = True
+
+    def _cc_report(self, reason: str) -> None:
+        hook = self._cc_hook
+        if hook is not None and not self._cc_settled:
+            self._cc_settled = True
+            with contextlib.suppress(Exception):  # a hook's bug must not break the loop
+                hook(reason)
+
+    def __del__(self) -> None:
+        if self._cc_hook is not None and not self._cc_settled:
+            self._cc_report(_NOT_FINISHED)
+
+
 def _server_context(leaf: Leaf, roots: RootSet, alpn: Sequence[str] | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = _ServerSSLObject
     _harden(ctx, alpn)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     # One TLS 1.3 session ticket per handshake instead of OpenSSL's two: a client
@@ -369,12 +409,46 @@ class DynamicServerContext(_DelegatingContext):
     servers built on them, like uvicorn), or with :func:`server_handshake` /
     ``wrap_socket(..., server_side=True)`` for blocking sockets. Setting options on
     this object has no effect on handshakes.
+
+    ``on_handshake_failure(reason)`` is called once for each connection an event loop
+    accepted whose handshake failed (bad or missing client certificate, not TLS at
+    all) or never finished (the loop's handshake timeout, the peer closing early).
+    Blocking sockets report their own errors instead.
     """
 
     _protocol = ssl.PROTOCOL_TLS_SERVER
 
+    def __init__(
+        self,
+        get_current: Callable[[], TLSMaterial],
+        *,
+        on_handshake_failure: HandshakeFailureHook | None = None,
+    ) -> None:
+        super().__init__(get_current)
+        self._on_failure = on_handshake_failure
+
     def _pick(self) -> ssl.SSLContext:
         return self._get_current().server_context
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        """Wrap with the current snapshot's context (asyncio and uvloop call this)."""
+        obj = super().wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
+        if self._on_failure is not None and isinstance(obj, _ServerSSLObject):
+            obj._cc_hook = self._on_failure
+        return obj
 
 
 SessionKey = Hashable

@@ -28,7 +28,7 @@ from consul_connect.integrations.aiohttp import (
     peer_identity_of,
     serve,
 )
-from consul_connect.service import Service
+from consul_connect.service import Service, ServiceEvent
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -88,6 +88,25 @@ async def test_allowed_caller_reaches_handler_with_its_identity(mesh: dict[str, 
         assert (await resp.text()).startswith("web ")
     assert mesh["app"].calls == [("web", "/hello")]
     assert mesh["api"].statistics().accepted == 1
+
+
+async def test_failed_handshakes_are_counted_with_their_reason(mesh: dict[str, Any]) -> None:
+    api: Service = mesh["api"]
+    events: list[ServiceEvent] = []
+    api.on_event(events.append)
+    _, writer = await asyncio.open_connection("127.0.0.1", mesh["server"].port)
+    writer.write(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)  # a broken ClientHello
+    await writer.drain()
+    await wait_for(lambda: api.statistics().rejected == 1, what="bad handshake counted")
+    writer.transport.abort()
+    [event] = [e for e in events if e.kind == "peer_denied"]
+    assert event.reason.startswith("handshake failed:")
+    assert mesh["app"].calls == []
+    async with (
+        connect_session(mesh["web"]) as session,
+        session.get("https://api.service.consul/after") as resp,
+    ):
+        assert resp.status == 200
 
 
 async def test_denied_caller_gets_no_handler_run(mesh: dict[str, Any]) -> None:

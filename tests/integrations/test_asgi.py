@@ -63,7 +63,7 @@ async def test_client_without_a_certificate_gets_no_application_bytes(mesh: Mesh
     # Trusts the mesh CA but presents no client certificate.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
-    ctx.load_verify_locations(cadata=mesh.web.client_context.current.roots.cadata)  # type: ignore[attr-defined]
+    ctx.load_verify_locations(cadata=mesh.web.client_context.current.roots.cadata)
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", mesh.server.port, ssl=ctx, server_hostname=""
     )
@@ -77,6 +77,38 @@ async def test_client_without_a_certificate_gets_no_application_bytes(mesh: Mesh
     finally:
         writer.transport.abort()
     assert mesh.app.calls == 0
+
+
+async def test_failed_handshakes_are_counted_with_their_reason(mesh: Mesh) -> None:
+    events: list[Any] = []
+    mesh.api.on_event(events.append)
+    before = mesh.api.statistics().rejected
+    # Not TLS at all, then a TLS client that presents no certificate.
+    _, writer = await asyncio.open_connection("127.0.0.1", mesh.server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+    await writer.drain()
+    await wait_until_async(
+        lambda: mesh.api.statistics().rejected == before + 1, what="garbage counted"
+    )
+    writer.transport.abort()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=mesh.web.client_context.current.roots.cadata)
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", mesh.server.port, ssl=ctx, server_hostname=""
+    )
+    writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+    await wait_until_async(
+        lambda: mesh.api.statistics().rejected == before + 2, what="no certificate counted"
+    )
+    writer.transport.abort()
+    reasons = [e.reason for e in events if e.kind == "peer_denied"]
+    assert len(reasons) == 2
+    assert reasons[0].startswith("handshake failed:") and "http request" in reasons[0].lower()
+    assert "did not return a certificate" in reasons[1]
+    assert mesh.app.calls == 0
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        assert (await client.get("https://api.service.consul/after")).status_code == 200
 
 
 async def test_l7_denied_request_gets_403_while_get_works_on_the_same_connection(
