@@ -172,8 +172,8 @@ class Bench:
         for name, (proc, port) in started.items():
             wait_port(port, 60, proc.popen)
             tls = {"plain": "none", "mtls": "mtls"}.get(name.removesuffix("-uvloop"), "native")
-            self.scenarios[name] = Scenario(name, port, tls, server=[proc],
-                                            loop="uvloop" if name != kind else "asyncio")
+            loop = "uvloop" if name.endswith("-uvloop") else "asyncio"
+            self.scenarios[name] = Scenario(name, port, tls, server=[proc], loop=loop)
         # Resumption changes only new connections: these run in "conn" mode only.
         for name in ("mtls", "native-intentions", "mtls-uvloop", "native-intentions-uvloop"):
             if name in self.scenarios and (not a.smoke or name == "native-intentions"):

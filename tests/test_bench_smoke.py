@@ -44,9 +44,19 @@ def test_smoke_run_measures_native_path_and_writes_results(tmp_path: Path) -> No
     resumed = results["raw"]["conn"]["native-intentions+resume"]
     assert all(r["failures"] == 0 for r in resumed), resumed
     assert all(r["sessions_offered"] > 0 for r in resumed), resumed
+    # Without +resume the native client makes full handshakes only.
+    full = results["raw"]["conn"]["native-intentions"]
+    assert all(r["sessions_offered"] == 0 for r in full), full
+    # Latency at a fixed rate: paced keep-alive runs near the asked rate, none failed.
+    rate = results["config"]["rate"]
+    for name in ("plain", "native-intentions"):
+        paced = results["raw"]["rate"][name]
+        assert all(r["failures"] == 0 and r["requests"] > 0 for r in paced), (name, paced)
+        assert all(r["rps"] < rate * 1.5 for r in paced), (name, paced)
     if "uvloop" in sys.modules or _importable("uvloop"):
-        uv = results["raw"]["keep"]["native-intentions-uvloop"]
-        assert all(r["requests"] > 0 and r["failures"] == 0 for r in uv), uv
+        for mode in ("conn", "keep"):  # server and client on uvloop
+            uv = results["raw"][mode]["native-intentions-uvloop"]
+            assert all(r["requests"] > 0 and r["failures"] == 0 for r in uv), uv
     for mode in ("conn", "conn+resume"):
         rotation = results["rotation"][mode]
         assert rotation["requests"] > 0, mode
