@@ -8,7 +8,12 @@ Three nginx processes, each ``worker_processes 1`` and run in the foreground:
 * **client-side sidecar** (stream): accepts the client's plaintext and dials the
   server-side sidecar over mTLS with the "web" leaf;
 * **ceiling** (http): nginx answering ``200`` with the same 100-byte body itself over
-  mTLS, no backend: OpenSSL plus the fastest C HTTP server on this machine.
+  mTLS, no backend: OpenSSL plus the fastest C HTTP server on this machine;
+* **HTTP-aware pair** (http, keep-alive scenarios only): the same two hops with nginx's
+  HTTP proxy, which parses every request and pools its upstream connections (mTLS
+  between the sidecars, plaintext to the app), as a mesh proxy does for a service whose
+  intentions have HTTP rules. Pooling means a client's new connection costs no new
+  mTLS handshake, so this pair is not measured with a new connection per request.
 
 Key material: nginx reads certificates and keys only from files. For this benchmark
 (and only here) the leaf keys are written to a fresh ``/dev/shm`` directory (tmpfs,
@@ -53,6 +58,22 @@ def _head(prefix: Path, *, stream: bool) -> str:
         f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log error;\n"
         "events { worker_connections 8192; multi_accept on; }\n"
     )
+
+
+_HTTP_COMMON = """  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 30s;
+  client_body_temp_path @PREFIX@/body;
+  proxy_temp_path @PREFIX@/proxy;
+  fastcgi_temp_path @PREFIX@/fastcgi;
+  uwsgi_temp_path @PREFIX@/uwsgi;
+  scgi_temp_path @PREFIX@/scgi;"""
+
+# HTTP/1.1 with keep-alive to the upstream, no buffering of the (tiny) responses to disk.
+_HTTP_PROXY = """      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_buffering off;"""
 
 
 class NginxSet:
@@ -129,19 +150,67 @@ stream {{
 """
         return self._start(name, conf, port)
 
+    def server_sidecar_http(self, port: int, backend_port: int,
+                            name: str = "server-sidecar-http") -> Proc:
+        k = self.keys
+        conf = _head(self.work / name, stream=False) + f"""
+http {{
+{_HTTP_COMMON}
+  upstream app {{
+    server 127.0.0.1:{backend_port};
+    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=4096;
+    ssl_certificate {k}/api.crt;
+    ssl_certificate_key {k}/api.key;
+    ssl_client_certificate {k}/roots.pem;
+    ssl_verify_client on;
+    ssl_verify_depth 3;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_tickets off;
+    ssl_session_cache off;
+    location / {{
+{_HTTP_PROXY}
+      proxy_pass http://app;
+    }}
+  }}
+}}
+"""
+        return self._start(name, conf, port)
+
+    def client_sidecar_http(self, port: int, upstream_port: int,
+                            name: str = "client-sidecar-http") -> Proc:
+        k = self.keys
+        conf = _head(self.work / name, stream=False) + f"""
+http {{
+{_HTTP_COMMON}
+  upstream mesh {{
+    server 127.0.0.1:{upstream_port};
+    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+{_HTTP_PROXY}
+      proxy_pass https://mesh;
+      proxy_ssl_certificate {k}/web.crt;
+      proxy_ssl_certificate_key {k}/web.key;
+      proxy_ssl_trusted_certificate {k}/roots.pem;
+      proxy_ssl_verify off;
+      proxy_ssl_protocols TLSv1.2 TLSv1.3;
+    }}
+  }}
+}}
+"""
+        return self._start(name, conf, port)
+
     def ceiling(self, port: int, *, tickets: bool = False, name: str = "ceiling") -> Proc:
         k = self.keys
         body = BODY.decode().rstrip("\n")
         conf = _head(self.work / name, stream=False) + f"""
 http {{
-  access_log off;
-  keepalive_requests 100000000;
-  keepalive_timeout 30s;
-  client_body_temp_path @PREFIX@/body;
-  proxy_temp_path @PREFIX@/proxy;
-  fastcgi_temp_path @PREFIX@/fastcgi;
-  uwsgi_temp_path @PREFIX@/uwsgi;
-  scgi_temp_path @PREFIX@/scgi;
+{_HTTP_COMMON}
   server {{
     listen 127.0.0.1:{port} ssl backlog=4096;
     ssl_certificate {k}/api.crt;
