@@ -337,7 +337,8 @@ class Bench:
             order = [n for n in RATE_SCENARIOS if n in self.scenarios]
             k = rnd % max(1, len(order))
             for name in order[k:] + order[:k]:
-                res = self.loadgen(self.scenarios[name], "keep", duration=a.duration,
+                # Twice as long: a p99 needs samples at this low rate.
+                res = self.loadgen(self.scenarios[name], "keep", duration=2 * a.duration,
                                    extra=["--rate", str(a.rate)])
                 res["round"] = rnd
                 raw.setdefault("rate", {}).setdefault(name, []).append(res)
@@ -812,7 +813,7 @@ def markdown(res: dict[str, Any]) -> str:
                       + ", ".join(parts)]
         lines.append("")
     lines += ["Scenarios:", ""] + [f"- **{k}**: {v}" for k, v in DESCRIPTIONS.items()
-                                   if k in an.get("conn", {})] + [""]
+                                   if any(k in an.get(m, {}) for m in ("conn", "keep"))] + [""]
     lines += _published_md(an, cfg)
     lines += _before_after_md(res)
     ref = res.get("openssl", {})
@@ -873,6 +874,50 @@ def _published_md(an: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
 
 
 BEFORE = BENCH_DIR / "results" / "before-fixes" / "results.json"
+README = BENCH_DIR.parent / "README.md"
+README_BEGIN = "<!-- bench results: written by bench/run.py -->"
+README_END = "<!-- end of bench results -->"
+
+
+def readme_block(res: dict[str, Any]) -> str:
+    """The README's summary of a full run: date, machine, plots, the targets table."""
+    mach = res["machine"]
+    lines = [README_BEGIN,
+             f"Latest run: {res['started']} UTC on {mach['cpus']} vCPU {mach['cpu_model']}, "
+             f"{mach['memory_gib']} GiB RAM, Python {mach['python']}, {mach['openssl']}, "
+             f"{mach['nginx']} (load average at start "
+             f"{', '.join(f'{x:.2f}' for x in mach['loadavg_at_start'])}). Every figure is a "
+             "ratio to a baseline measured in the same round; median (min\u2013max) over "
+             f"{res['config']['rounds']} rounds.", "",
+             "![throughput, new connections](bench/results/throughput_conn.png)",
+             "![throughput, keep-alive](bench/results/throughput_keep.png)",
+             "![latency](bench/results/latency.png)", "",
+             "| target | native variant | vs | measured | status |",
+             "| --- | --- | --- | ---: | --- |"]
+    for t in res["targets"]:
+        if "value" not in t:
+            continue
+        meas = f"{_f(t['value'])} {t['unit']}"
+        if "min" in t:
+            meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
+        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {meas} "
+                     f"| {t['status']} |")
+    lines += ["", "Where each miss comes from, the profiles and every table: "
+              "[`bench/results/RESULTS.md`](bench/results/RESULTS.md).", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(res: dict[str, Any]) -> bool:
+    """Replace the marked block in README.md; False when the markers are missing."""
+    try:
+        text = README.read_text()
+    except OSError:
+        return False
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    README.write_text(text[:start] + readme_block(res) + text[end + len(README_END):])
+    return True
 
 
 def _before_after_md(res: dict[str, Any]) -> list[str]:
@@ -1174,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
         res["plots"] = plots(out, res["analysis"], res["rotation"])
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         (out / "RESULTS.md").write_text(markdown(res))
+        if out.resolve() == (BENCH_DIR / "results").resolve() and not res["config"]["smoke"]:
+            update_readme(res)
         return 0
     if args.smoke:
         args.rounds, args.duration, args.warmup, args.conns = 1, 0.3, 0.1, 2
@@ -1225,6 +1272,8 @@ def main(argv: list[str] | None = None) -> int:
     res["plots"] = plots(out, res["analysis"], res["rotation"])
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "RESULTS.md").write_text(markdown(res))
+    if out.resolve() == (BENCH_DIR / "results").resolve() and not args.smoke:
+        update_readme(res)
     _log(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {res['elapsed_s']:.0f} s")
     for t in res["targets"]:
         _log(f"  {t['status']:12s} {t['target']} [{t['native']}]: {_f(t.get('value', DASH))}")

@@ -10,6 +10,8 @@ The public surface is what this module exports; everything else is internal.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from consul_connect.agent.config import AgentConfig
 from consul_connect.authz.authorizers import (
     AgentAuthorizer,
@@ -23,7 +25,6 @@ from consul_connect.authz.authorizers import (
 )
 from consul_connect.authz.intentions import Decision
 from consul_connect.certs import CARoot, Leaf, RootSet
-from consul_connect.devagent import DevAgent
 from consul_connect.discovery import (
     CatalogResolver,
     Endpoint,
@@ -58,7 +59,19 @@ from consul_connect.service import (
     get_peer_identity,
 )
 
+if TYPE_CHECKING:
+    from consul_connect.devagent import DevAgent
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The dev agent is only loaded when asked for: services do not pay for it.
+    if name == "DevAgent":
+        from consul_connect.devagent import DevAgent
+
+        return DevAgent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AgentAuthorizer",
