@@ -852,7 +852,9 @@ def _published_md(an: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
 
     rows = [("native-intentions", "consul-connect native (both sides)")]
     if "sidecar" in m:
-        rows.append(("sidecar", "nginx stream sidecar pair (this run)"))
+        rows.append(("sidecar", "nginx stream (L4) sidecar pair (this run)"))
+    if "sidecar-l7" in m:
+        rows.append(("sidecar-l7", "nginx HTTP (L7) sidecar pair (this run)"))
     lines = ["## Against published sidecar costs", "",
              f"At the fixed {cfg.get('rate', 1000):,.0f} req/s keep-alive load above, what "
              "each path adds over plaintext, next to what Istio publishes for an Envoy "

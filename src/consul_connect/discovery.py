@@ -252,6 +252,8 @@ class CatalogResolver:
         self._wait = wait
         self._on_error = on_error
         self._cache: list[_JSON] | None = None
+        # The watched answer parsed once: (entries it came from, trust domain, endpoints).
+        self._parsed: tuple[list[_JSON], str, list[Endpoint]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
         self._changed = asyncio.Event()
@@ -286,6 +288,34 @@ class CatalogResolver:
         self._rng.shuffle(eps)
         return eps
 
+    def cached(self) -> list[Endpoint] | None:
+        """The watched answer, shuffled, without any I/O; None when there is none yet.
+
+        Safe to call from any thread. Returns None before :meth:`start` has delivered a
+        first answer, after :meth:`aclose`, and when the answer has no usable instance
+        (:meth:`resolve` then says why).
+        """
+        entries = self._cache
+        if entries is None or not self.watching:
+            return None
+        td = _trust_domain(self._trust_domain)
+        parsed = self._parsed
+        if parsed is None or parsed[0] is not entries or parsed[1] != td:
+            eps = endpoints_from_health(
+                entries,
+                self.service,
+                td,
+                namespace=self.namespace,
+                partition=self.partition,
+                datacenter=self.datacenter or "",
+            )
+            parsed = self._parsed = (entries, td, eps)
+        if not parsed[2]:
+            return None
+        out = list(parsed[2])
+        self._rng.shuffle(out)
+        return out
+
     async def resolve(self) -> list[Endpoint]:
         """The service's usable instances, shuffled.
 
@@ -293,6 +323,9 @@ class CatalogResolver:
         the filter matches none), and the agent errors of
         :class:`~consul_connect.agent.client.AgentClient` when a query fails.
         """
+        cached = self.cached()
+        if cached is not None:
+            return cached
         entries = self._cache
         if entries is None:
             entries, _ = await self._query()

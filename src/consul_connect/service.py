@@ -911,13 +911,34 @@ class Service:
 
         Raises :class:`NoInstancesError` when none is healthy and Connect-capable.
         """
+        known = self._resolved_locally(target)
+        if known is not None:
+            return known
         return self._runtime.run(self._resolve(target), timeout=timeout)
 
     async def resolve_async(
         self, target: str | Resolver | Endpoint, *, timeout: float = 10.0
     ) -> list[Endpoint]:
         """Async form of :meth:`resolve`."""
+        known = self._resolved_locally(target)
+        if known is not None:
+            return known
         return await self._runtime.run_async(self._resolve(target), timeout)
+
+    def _resolved_locally(self, target: str | Resolver | Endpoint) -> list[Endpoint] | None:
+        """Instances known without I/O (an endpoint, a watched name), else None.
+
+        Saves the hop to the runtime thread on every dial or request to a name this
+        Service already watches.
+        """
+        if isinstance(target, Endpoint):
+            return [target]
+        resolver = self._resolvers.get(target) if isinstance(target, str) else target
+        cached = getattr(resolver, "cached", None)
+        if cached is None:
+            return None
+        found = cached()
+        return found if isinstance(found, list) and found else None
 
     async def _resolve(self, target: str | Resolver | Endpoint) -> list[Endpoint]:
         resolver = self._resolver(target)
@@ -943,9 +964,8 @@ class Service:
         """
         deadline = time.monotonic() + timeout
         self.wait_ready(timeout)
-        if isinstance(target, Endpoint):
-            endpoints = [target]  # nothing to look up: no trip to the runtime loop
-        else:
+        endpoints = self._resolved_locally(target)  # no trip to the runtime loop
+        if endpoints is None:
             endpoints = self._runtime.run(self._resolve(target), timeout=max(0.1, timeout))
         failures: list[tuple[str, str]] = []
         identity_failures = 0
@@ -993,10 +1013,8 @@ class Service:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self.wait_ready_async(timeout)
-        if isinstance(target, Endpoint):
-            # Nothing to look up: skip the hop to the runtime loop (~150 µs per dial).
-            endpoints = [target]
-        else:
+        endpoints = self._resolved_locally(target)  # skips the runtime hop (~150 µs)
+        if endpoints is None:
             endpoints = await self._runtime.run_async(self._resolve(target), timeout)
         failures: list[tuple[str, str]] = []
         identity_failures = 0

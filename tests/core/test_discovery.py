@@ -291,6 +291,27 @@ async def test_watch_mode_serves_the_cache_and_follows_changes() -> None:
     assert not r.watching
 
 
+async def test_cached_answers_only_from_a_live_watch_and_follows_changes() -> None:
+    fake = FakeAgent([native("db-1", "db", port=1)])
+    r = CatalogResolver(as_client(fake), "db")
+    assert r.cached() is None  # no watch yet
+    await r.start()
+    try:
+        await until(lambda: r.cached() is not None)
+        first = r.cached()
+        assert first is not None and [ep.port for ep in first] == [1]
+        assert first is not r.cached()  # a fresh list each time: callers may reorder it
+        fake.set_entries([native("db-1", "db", port=1), native("db-2", "db", port=2)])
+        await until(lambda: len(r.cached() or []) == 2)
+        fake.set_entries([])
+        await until(lambda: r.cached() is None)  # nothing usable: resolve() says why
+        with pytest.raises(NoInstancesError):
+            await r.resolve()
+    finally:
+        await r.aclose()
+    assert r.cached() is None
+
+
 # --------------------------------------------------------------------------------------------
 # PreparedQueryResolver (unit)
 

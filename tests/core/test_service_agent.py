@@ -78,6 +78,40 @@ async def test_two_services_talk_by_name_over_asyncio(
         await server.wait_closed()
 
 
+async def test_a_watched_name_resolves_from_memory_without_the_runtime_thread(
+    agent: DevAgent, services: Callable[..., Service], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    web = services("web")
+    await web.wait_ready_async(15)
+    async with httpx.AsyncClient(base_url=agent.http_addr) as http:
+        for i, port in enumerate((9001, 9002)):
+            r = await http.put(
+                "/v1/agent/service/register",
+                json={"Name": "db", "ID": f"db-{i}", "Port": port, "Connect": {"Native": True}},
+            )
+            assert r.status_code == 200, r.text
+    first = await web.resolve_async("db", timeout=10)  # starts the watch
+    assert sorted(ep.port for ep in first) == [9001, 9002]
+    deadline = time.monotonic() + 10
+    while web._resolved_locally("db") is None:  # the watch's first answer
+        assert time.monotonic() < deadline, "watch delivered nothing"
+        await asyncio.sleep(0.01)
+    hops: list[object] = []
+    original = web._runtime.run_async
+
+    async def counting(coro: Any, timeout: float | None = None) -> Any:
+        hops.append(coro)
+        return await original(coro, timeout)
+
+    monkeypatch.setattr(web._runtime, "run_async", counting)
+    for _ in range(5):
+        eps = await web.resolve_async("db")
+        assert sorted(ep.port for ep in eps) == [9001, 9002]
+        assert all(ep.identity.service == "db" for ep in eps)
+    assert sorted(ep.port for ep in web.resolve("db")) == [9001, 9002]
+    assert hops == []
+
+
 def test_intention_deny_refuses_a_peer_before_any_byte(
     agent: DevAgent, services: Callable[..., Service]
 ) -> None:

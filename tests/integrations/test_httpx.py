@@ -194,6 +194,34 @@ async def test_pool_of_an_instance_that_left_the_catalog_is_closed(mesh: Mesh) -
         await other.aclose()
 
 
+async def test_idle_connection_the_server_closed_is_replaced_without_a_failure(
+    mesh: Mesh,
+) -> None:
+    app = RecordingApp()
+    short = await serve(app, mesh.api, timeout_keep_alive=0.2)
+    try:
+        register(mesh.http, "api", short.port, "api-1")  # the same instance, new port
+        async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+            await wait_until_async(
+                lambda: mesh.web.resolve("api")[0].port == short.port, what="new port seen"
+            )
+            accepted = mesh.api.statistics().accepted
+            first = await client.get("https://api.service.consul/one")
+            assert first.status_code == 200
+            assert mesh.api.statistics().accepted == accepted + 1
+            # uvicorn ends the idle keep-alive connection (TLS close_notify); the pool must
+            # see that before reusing it.
+            stream = first.extensions["network_stream"]
+            await wait_until_async(
+                lambda: bool(stream.get_extra_info("is_readable")), what="server closed it"
+            )
+            assert (await client.get("https://api.service.consul/two")).status_code == 200
+            assert mesh.api.statistics().accepted == accepted + 2
+    finally:
+        app.release.set()
+        await short.aclose()
+
+
 async def test_ca_rotation_under_traffic_fails_no_request(mesh: Mesh) -> None:
     transport = AsyncConnectTransport(mesh.web, max_connection_age=None)
     async with httpx.AsyncClient(transport=transport, timeout=10) as client:

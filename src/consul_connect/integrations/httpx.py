@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
+import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -371,9 +373,26 @@ class ConnectTransport(_Settings[httpcore.ConnectionPool], httpx.BaseTransport):
 # ----------------------------------------------------------------------------- async
 
 
+def _is_readable(sock: socket.socket | None) -> bool:
+    """Whether an idle pooled connection has something to read (EOF included): stale."""
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
 class _AsyncStream(_Dialled, httpcore.AsyncNetworkStream):
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
         self._inner = inner
+        # httpcore asks for these around every request; anyio's TLS stream rebuilds its
+        # attribute table on each lookup, so keep the fixed ones.
+        self._sock: socket.socket | None = inner.get_extra_info("socket")
+        self._ssl_object = inner.get_extra_info("ssl_object")
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return await self._inner.read(max_bytes, timeout)
@@ -393,6 +412,12 @@ class _AsyncStream(_Dialled, httpcore.AsyncNetworkStream):
         return self
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return _is_readable(self._sock)
+        if info == "ssl_object":
+            return self._ssl_object
+        if info == "socket":
+            return self._sock
         return self._inner.get_extra_info(info)
 
 
