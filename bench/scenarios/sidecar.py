@@ -76,6 +76,19 @@ _HTTP_PROXY = """      proxy_http_version 1.1;
       proxy_buffering off;"""
 
 
+def _mtls_listener(keys: Path, port: int, *, tickets: bool) -> str:
+    """A listener terminating mesh mTLS as "api": a client certificate from the roots."""
+    return f"""    listen 127.0.0.1:{port} ssl backlog=4096;
+    ssl_certificate {keys}/api.crt;
+    ssl_certificate_key {keys}/api.key;
+    ssl_client_certificate {keys}/roots.pem;
+    ssl_verify_client on;
+    ssl_verify_depth 3;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_tickets {'on' if tickets else 'off'};
+    ssl_session_cache off;"""
+
+
 class NginxSet:
     """Starts the nginx processes it is asked for; :meth:`close` stops all and wipes keys."""
 
@@ -115,15 +128,7 @@ class NginxSet:
         conf = _head(self.work / name, stream=True) + f"""
 stream {{
   server {{
-    listen 127.0.0.1:{port} ssl backlog=4096;
-    ssl_certificate {k}/api.crt;
-    ssl_certificate_key {k}/api.key;
-    ssl_client_certificate {k}/roots.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 3;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_tickets {'on' if tickets else 'off'};
-    ssl_session_cache off;
+{_mtls_listener(k, port, tickets=tickets)}
     proxy_pass 127.0.0.1:{backend_port};
   }}
 }}
@@ -161,15 +166,7 @@ http {{
     keepalive 64;
   }}
   server {{
-    listen 127.0.0.1:{port} ssl backlog=4096;
-    ssl_certificate {k}/api.crt;
-    ssl_certificate_key {k}/api.key;
-    ssl_client_certificate {k}/roots.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 3;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_tickets off;
-    ssl_session_cache off;
+{_mtls_listener(k, port, tickets=False)}
     location / {{
 {_HTTP_PROXY}
       proxy_pass http://app;
@@ -212,15 +209,7 @@ http {{
 http {{
 {_HTTP_COMMON}
   server {{
-    listen 127.0.0.1:{port} ssl backlog=4096;
-    ssl_certificate {k}/api.crt;
-    ssl_certificate_key {k}/api.key;
-    ssl_client_certificate {k}/roots.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 3;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_tickets {'on' if tickets else 'off'};
-    ssl_session_cache off;
+{_mtls_listener(k, port, tickets=tickets)}
     location / {{
       default_type text/plain;
       return 200 "{body}\\n";

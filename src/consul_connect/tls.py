@@ -367,13 +367,19 @@ class _DelegatingContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         """Wrap with the current snapshot's context (asyncio and uvloop call this)."""
-        return self._pick().wrap_bio(
-            incoming,
-            outgoing,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            session=session,
+        return self._adopt(
+            self._pick().wrap_bio(
+                incoming,
+                outgoing,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                session=session,
+            )
         )
+
+    def _adopt(self, obj: ssl.SSLObject) -> ssl.SSLObject:
+        """Hook for subclasses: prepare each new connection's ``SSLObject``."""
+        return obj
 
     def wrap_socket(
         self,
@@ -430,22 +436,7 @@ class DynamicServerContext(_DelegatingContext):
     def _pick(self) -> ssl.SSLContext:
         return self._get_current().server_context
 
-    def wrap_bio(
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        """Wrap with the current snapshot's context (asyncio and uvloop call this)."""
-        obj = super().wrap_bio(
-            incoming,
-            outgoing,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            session=session,
-        )
+    def _adopt(self, obj: ssl.SSLObject) -> ssl.SSLObject:
         if self._on_failure is not None and isinstance(obj, _ServerSSLObject):
             obj._cc_hook = self._on_failure
         return obj

@@ -286,10 +286,8 @@ def test_second_dial_to_the_same_instance_resumes_the_session(
     assert served == [False, True]
 
 
-async def test_second_async_dial_resumes_and_still_checks_identity(
-    pair: tuple[Service, Service],
-) -> None:
-    web, api = pair
+async def _echo_dials(web: Service, api: Service, n: int) -> list[bool]:
+    """Dial ``api`` ``n`` times from ``web`` (one echo each); which handshakes resumed."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(await reader.read(16))
@@ -301,7 +299,7 @@ async def test_second_async_dial_resumes_and_still_checks_identity(
     target = Endpoint("127.0.0.1", port, api.identity)
     reused = []
     try:
-        for _ in range(2):
+        for _ in range(n):
             reader, writer = await web.open_connection(target)
             writer.write(b"y")
             await writer.drain()
@@ -312,7 +310,14 @@ async def test_second_async_dial_resumes_and_still_checks_identity(
     finally:
         server.close()
         await server.wait_closed()
-    assert reused == [False, True]
+    return reused
+
+
+async def test_second_async_dial_resumes_and_still_checks_identity(
+    pair: tuple[Service, Service],
+) -> None:
+    web, api = pair
+    assert await _echo_dials(web, api, 2) == [False, True]
 
 
 async def test_with_resumption_off_every_async_dial_is_a_full_handshake(ca: TestCA) -> None:
@@ -320,30 +325,11 @@ async def test_with_resumption_off_every_async_dial_is_a_full_handshake(ca: Test
         ca, "web", authorizer=AllowTrustDomain(ca.trust_domain), resume_sessions=False
     )
     api = Service.from_test_ca(ca, "api", authorizer=AllowTrustDomain(ca.trust_domain))
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(await reader.read(16))
-        await writer.drain()
-        writer.close()
-
-    server = await api.start_server(echo)
-    port = server.sockets[0].getsockname()[1]
-    target = Endpoint("127.0.0.1", port, api.identity)
-    reused = []
     try:
-        for _ in range(3):
-            reader, writer = await web.open_connection(target)
-            writer.write(b"z")
-            await writer.drain()
-            assert await asyncio.wait_for(reader.read(16), 5) == b"z"
-            reused.append(writer.get_extra_info("ssl_object").session_reused)
-            writer.close()
+        assert await _echo_dials(web, api, 3) == [False, False, False]
     finally:
-        server.close()
-        await server.wait_closed()
         await web.aclose()
         await api.aclose()
-    assert reused == [False, False, False]
     assert web.client_context.sessions_offered == 0
 
 
