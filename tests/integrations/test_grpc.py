@@ -301,6 +301,27 @@ def test_client_refuses_server_with_wrong_identity(agent: DevAgent) -> None:
         evil.close()
 
 
+def test_dial_timeout_bounds_a_dial_to_a_server_that_never_speaks_tls(agent: DevAgent) -> None:
+    web = Service("web", agent=AgentConfig.from_address(agent.address))
+    with socket.socket() as silent:  # accepts TCP (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        register(agent, "api", silent.getsockname()[1])
+        try:
+            web.wait_ready(10)
+            with connect_channel(web, "api.service.consul", dial_timeout=0.5) as channel:
+                began = time.monotonic()
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(channel)  # the RPC itself may wait 10 s
+                took = time.monotonic() - began
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "timed out" in channel.last_error or "deadline" in channel.last_error
+                assert channel.connections == 0
+            assert took < 8, f"the dial was not bounded by dial_timeout ({took:.1f} s)"
+        finally:
+            web.close()
+
+
 def test_agent_authorizer_decides_calls_through_the_agent(agent: DevAgent) -> None:
     r = httpx.put(
         f"{agent.http_addr}/v1/connect/intentions/exact",

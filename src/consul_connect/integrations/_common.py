@@ -110,7 +110,8 @@ async def try_endpoints(
             identity_failures += 1
             failures.append((ep.address, str(exc)))
         except (TimeoutError, OSError, ConsulConnectError) as exc:
-            failures.append((ep.address, str(exc) or type(exc).__name__))
+            why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+            failures.append((ep.address, why or type(exc).__name__))
     raise dial_error(target, failures, identity_failures)
 
 
