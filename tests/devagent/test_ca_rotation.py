@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from consul_connect.devagent import DevAgent
 from tests.conftest import client_for
+from tests.pem import assert_ec_key_pem
 
 ROOTS = "/v1/connect/ca/roots"
 CONFIG = "/v1/connect/ca/configuration"
@@ -203,7 +204,7 @@ def test_rsa_roots_sign_ec_leaves_with_rsa_signatures(http: httpx.Client) -> Non
     body = http.get(LEAF).json()
     leaf, xc = _certs(body["CertPEM"])
     assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
-    assert body["PrivateKeyPEM"].startswith("-----BEGIN EC PRIVATE KEY-----")
+    assert_ec_key_pem(body["PrivateKeyPEM"])
     assert leaf.signature_algorithm_oid == x509.SignatureAlgorithmOID.RSA_WITH_SHA256
     assert _issued_by(leaf, new_cert)
     old_cert = x509.load_pem_x509_certificate(roots[0]["RootCert"].encode())

@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from consul_connect.devagent import DevAgent
 from tests.conftest import client_for
+from tests.pem import assert_ec_key_pem
 
 LEAF_KEYS = [
     "SerialNumber",
@@ -64,8 +65,7 @@ def test_leaf_json_and_headers(agent: DevAgent, http: httpx.Client) -> None:
     assert body["ValidAfter"] == _fmt(cert.not_valid_before_utc)
     assert body["ValidBefore"] == _fmt(cert.not_valid_after_utc)
     assert body["CertPEM"].endswith("-----END CERTIFICATE-----\n")
-    assert body["PrivateKeyPEM"].startswith("-----BEGIN EC PRIVATE KEY-----\n")
-    assert body["PrivateKeyPEM"].endswith("-----END EC PRIVATE KEY-----\n")
+    assert_ec_key_pem(body["PrivateKeyPEM"])
 
 
 def test_leaf_certificate_contents_follow_the_builtin_provider(http: httpx.Client) -> None:

@@ -33,6 +33,7 @@ from consul_connect.certs import (
 from consul_connect.errors import CertificateError
 from consul_connect.identity import ServiceIdentity
 from consul_connect.testing import TestCA
+from tests.pem import assert_ec_key_pem
 
 CLUSTER = "11111111-2222-3333-4444-555555555555"
 TD = f"{CLUSTER}.consul"
@@ -391,7 +392,7 @@ def test_leaf_from_json_reads_consul_issued_cert(leaf: Leaf) -> None:
     assert parsed.identity == ServiceIdentity(TD, "default", "dc1", "web")
     assert parsed.serial_number == serial_to_colon_hex(leaf.certificate.serial_number)
     assert parsed.valid_before - parsed.valid_after == timedelta(hours=72)
-    assert parsed.private_key_pem.startswith("-----BEGIN EC PRIVATE KEY-----")
+    assert_ec_key_pem(parsed.private_key_pem)
 
 
 def test_leaf_from_json_accepts_nanosecond_times_and_missing_indexes(leaf: Leaf) -> None:

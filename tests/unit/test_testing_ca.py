@@ -25,6 +25,7 @@ from consul_connect.certs import (
 from consul_connect.errors import CertificateError
 from consul_connect.identity import AgentIdentity, ServiceIdentity, parse_spiffe_id
 from consul_connect.testing import BadCert, TestCA
+from tests.pem import assert_ec_key_pem
 
 CLUSTER = "11111111-2222-3333-4444-555555555555"
 TD = f"{CLUSTER}.consul"
@@ -122,7 +123,7 @@ def test_issued_leaf_matches_consul_leaf_contents(ca: TestCA) -> None:
     assert leaf.valid_before - leaf.valid_after == timedelta(hours=5)
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
-    assert leaf.private_key_pem.startswith("-----BEGIN EC PRIVATE KEY-----")
+    assert_ec_key_pem(leaf.private_key_pem)
     assert leaf.chain_pems == ()
 
 
@@ -189,7 +190,7 @@ def test_untrusted_ca_has_same_trust_domain_but_other_keys(ca: TestCA) -> None:
 def test_bad_cert_repr_hides_the_key(ca: TestCA) -> None:
     bad = ca.issue_expired("web")
     assert "PRIVATE" not in repr(bad)
-    assert bad.private_key_pem.startswith("-----BEGIN EC PRIVATE KEY-----")
+    assert_ec_key_pem(bad.private_key_pem)
     assert bad.full_chain_pem == bad.cert_pem + "".join(bad.chain_pems)
 
 

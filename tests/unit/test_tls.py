@@ -401,11 +401,14 @@ def test_encrypted_key_is_refused_without_prompting(ca: TestCA) -> None:
         load_cert_chain_from_memory(ctx, leaf.full_chain_pem, encrypted)
 
 
-@pytest.mark.parametrize(
-    ("chain", "key"),
-    [("not a pem", "-----BEGIN EC PRIVATE KEY-----"), ("-----BEGIN CERTIFICATE-----", "nokey")],
-)
-def test_garbage_pem_raises_certificate_error(chain: str, key: str) -> None:
+@pytest.mark.parametrize("case", ["garbage chain, truncated key", "header-only chain, no key"])
+def test_garbage_pem_raises_certificate_error(case: str) -> None:
+    key = TestCA().issue("web").private_key_pem
+    chain, key = (
+        ("not a pem", key.splitlines()[0] + "\n")
+        if case.startswith("garbage")
+        else ("-----BEGIN CERTIFICATE-----", "nokey")
+    )
     with pytest.raises(CertificateError):
         load_cert_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, key)
 
