@@ -250,9 +250,9 @@ def _pump(client: Any, server: Any, bios: list[ssl.MemoryBIO]) -> tuple[float, f
 def handshakes(n: int) -> dict[str, Any]:
     """Handshake CPU per side in one process (no sockets, no event loop), TLS 1.3.
 
-    Full vs resumed, and a server sending OpenSSL's default two tickets vs the one the
-    library's server contexts send; plus CPython's cost of getting and setting a
-    session (both copy it through i2d/d2i).
+    Full vs resumed; a server sending OpenSSL's default two tickets, the one the
+    library's server contexts send, or none (``Service(session_tickets=False)``); plus
+    CPython's cost of getting and setting a session (both copy it through i2d/d2i).
     """
     from consul_connect import tls
     from consul_connect.testing import TestCA
@@ -271,17 +271,19 @@ def handshakes(n: int) -> dict[str, Any]:
         tc, ts = _pump(c, srv, bios)
         return c, tc, ts
 
-    for tickets in (2, 1):
-        sctx = tls._server_context(api.leaf, api.roots, None)
+    for tickets in (2, 1, 0):
+        sctx = tls._server_context(api.leaf, api.roots, None, tickets=tickets > 0)
         sctx.num_tickets = tickets
-        first, _, _ = one(sctx, None)
-        session = first.session
-        for kind in ("full", "resumed"):
+        got, _, _ = one(sctx, None)
+        offered = got.session
+        if tickets == 1:  # the library's default: the session the timings below use
+            first, session = got, offered
+        for kind in ("full", "resumed") if tickets else ("full",):
             cs: list[float] = []
             ss: list[float] = []
             reused = 0
             for _ in range(n):
-                c, tc, ts = one(sctx, session if kind == "resumed" else None)
+                c, tc, ts = one(sctx, offered if kind == "resumed" else None)
                 cs.append(tc * 1e6)
                 ss.append(ts * 1e6)
                 reused += bool(c.session_reused)

@@ -173,19 +173,24 @@ class Bench:
         started: dict[str, tuple[Proc, int]] = {}
         for name in wanted:
             kind = name.removesuffix("-uvloop")
-            started[name] = self.server(kind, *(["--loop", "uvloop"] if name != kind else []))
+            loop_args = ["--loop", "uvloop"] if name != kind else []
+            # Full handshakes: no TLS server sends session tickets (nginx neither).
+            started[name] = self.server(kind, *loop_args,
+                                        *([] if kind == "plain" else ["--no-tickets"]))
+        # Resumption changes only new connections: these run in "conn" mode only, each
+        # against its own server, which sends tickets.
+        for name in ("mtls", "native-intentions", "mtls-uvloop", "native-intentions-uvloop"):
+            if name in wanted and (not a.smoke or name == "native-intentions"):
+                kind = name.removesuffix("-uvloop")
+                started[f"{name}+resume"] = self.server(
+                    kind, *(["--loop", "uvloop"] if name != kind else []))
         for name, (proc, port) in started.items():
             wait_port(port, 60, proc.popen)
-            tls = {"plain": "none", "mtls": "mtls"}.get(name.removesuffix("-uvloop"), "native")
-            loop = "uvloop" if name.endswith("-uvloop") else "asyncio"
-            self.scenarios[name] = Scenario(name, port, tls, server=[proc], loop=loop)
-        # Resumption changes only new connections: these run in "conn" mode only.
-        for name in ("mtls", "native-intentions", "mtls-uvloop", "native-intentions-uvloop"):
-            if name in self.scenarios and (not a.smoke or name == "native-intentions"):
-                base = self.scenarios[name]
-                self.scenarios[f"{name}+resume"] = Scenario(
-                    f"{name}+resume", base.port, base.tls, resume=True, server=base.server,
-                    loop=base.loop)
+            base = name.removesuffix("+resume")
+            tls = {"plain": "none", "mtls": "mtls"}.get(base.removesuffix("-uvloop"), "native")
+            loop = "uvloop" if base.endswith("-uvloop") else "asyncio"
+            self.scenarios[name] = Scenario(name, port, tls, resume=base != name,
+                                            server=[proc], loop=loop)
         if with_nginx:
             api, web = fetch_pem(self.addr, "api"), fetch_pem(self.addr, "web")
             self.nginx = NginxSet(api, web)
@@ -234,7 +239,8 @@ class Bench:
         if not a.smoke:
             self.scenarios["httpx-plain"] = Scenario(
                 "httpx-plain", started["plain"][1], "none", "httpx", server=[started["plain"][0]])
-            proc, port = started["native-intentions"]
+            # As shipped: the server sends tickets and the httpx transport resumes.
+            proc, port = started["native-intentions+resume"]
             r = httpx.put(f"http://{self.addr}/v1/agent/service/register", json={
                 "Name": "api", "ID": "api-bench", "Address": "127.0.0.1", "Port": port,
                 "Connect": {"Native": True}}, timeout=10)
@@ -403,7 +409,8 @@ class Bench:
         modes = ("conn", "conn+resume") if self.args.smoke else ("conn", "conn+resume", "keep")
         for label in modes:
             mode = label.split("+")[0]
-            base = self.scenarios[name]
+            # Resuming clients need the server that sends tickets.
+            base = self.scenarios[f"{name}+resume" if label.endswith("+resume") else name]
             scn = Scenario(name, base.port, base.tls, resume=label.endswith("+resume"),
                            server=base.server)
             events: list[tuple[str, float]] = []
@@ -448,7 +455,8 @@ class Bench:
                      ("uvloop", ["--loop", "uvloop"], "keep", False)]
         for label, extra, mode, resume in runs:
             path = self.out / f"profile_native_{label}_{mode}.txt"
-            proc, port = self.server("native-intentions", "--profile", str(path), *extra)
+            proc, port = self.server("native-intentions", "--profile", str(path), *extra,
+                                     *([] if resume else ["--no-tickets"]))
             try:
                 wait_port(port, 60, proc.popen)
                 scn = Scenario("profile", port, "native", resume=resume, server=[proc])
@@ -463,7 +471,7 @@ class Bench:
                                       "top": _profile_top(path)}
         # The native *client* too: Service.open_connection with resumption, new connections.
         path = self.out / "profile_client_native-resume_conn.txt"
-        scn = self.scenarios["native-intentions"]
+        scn = self.scenarios["native-intentions+resume"]
         res = self.loadgen(Scenario("profile", scn.port, "native", resume=True,
                                     server=scn.server), "conn", duration=self.args.duration,
                            extra=["--profile", str(path)])
@@ -745,8 +753,10 @@ def markdown(res: dict[str, Any]) -> str:
         "Every ratio is taken within a round and then summarised as **median (min\u2013max)** "
         "over rounds. TLS 1.3. Scenario families: the event loop of the Python processes, "
         "server and load generator alike (asyncio's default, or `-uvloop`), and whether TLS "
-        "clients resume sessions (`+resume`; all TLS servers, nginx included, issue "
-        "tickets; without `+resume` every handshake is full). Each native "
+        "clients resume sessions (`+resume`: every TLS server, nginx included, sends "
+        "session tickets; without `+resume` no TLS server sends any (nginx "
+        "`ssl_session_tickets off`, Python `num_tickets = 0`, native "
+        "`Service(session_tickets=False)`) and every handshake is full). Each native "
         "variant is judged against the baselines of its own family (column *vs*). "
         f"Latency at a fixed load: keep-alive, the same {cfg['conns']} clients paced to "
         f"{cfg.get('rate', 1000):,.0f} requests/s in total (open loop: a request due while "
@@ -1066,6 +1076,8 @@ def _micro_md(micro: dict[str, Any]) -> list[str]:
                         "(OpenSSL default)"),
                        ("full_tickets1", "TLS 1.3 full handshake, server sends 1 ticket "
                         "(library)"),
+                       ("full_tickets0", "TLS 1.3 full handshake, no tickets "
+                        "(`session_tickets=False`)"),
                        ("resumed_tickets2", "TLS 1.3 resumed handshake, 2 tickets"),
                        ("resumed_tickets1", "TLS 1.3 resumed handshake, 1 ticket")):
         if key in hs:

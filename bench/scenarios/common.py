@@ -213,10 +213,13 @@ class ResumingClientContext(ssl.SSLContext):
         return obj
 
 
-def plain_mtls_context(pem: Pem, *, server: bool, resume: bool = False) -> ssl.SSLContext:
+def plain_mtls_context(pem: Pem, *, server: bool, resume: bool = False,
+                       tickets: bool = True) -> ssl.SSLContext:
     """An mTLS context with Connect's settings and no identity/intention check at all.
 
     ``resume`` (client only): offer earlier sessions (:class:`ResumingClientContext`).
+    ``tickets=False`` (server only): send no session tickets, as nginx's
+    ``ssl_session_tickets off`` (OpenSSL's default is two per handshake).
     """
     from consul_connect.tls import load_cert_chain_from_memory
 
@@ -233,6 +236,9 @@ def plain_mtls_context(pem: Pem, *, server: bool, resume: bool = False) -> ssl.S
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cadata=pem.roots)
     load_cert_chain_from_memory(ctx, pem.cert, pem.key)
+    if server and not tickets:
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

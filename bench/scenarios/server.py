@@ -9,6 +9,10 @@
   with a ``Service("api")`` whose authorizer is the local intention cache (complete
   integration, L7 middleware on) or the agent's authorize endpoint (simple integration).
 
+``--no-tickets`` (TLS kinds): the server sends no TLS session tickets, for the
+full-handshake scenarios, as the nginx servers there (``ssl_session_tickets off``):
+``num_tickets = 0`` on the plain context, ``Service(session_tickets=False)`` for native.
+
 ``--loop uvloop`` runs the whole process (uvicorn, or ``serve()`` and its ASGI
 protocol) on a uvloop event loop instead of asyncio's default one. ``serve()`` runs on
 the caller's loop, so this is how a caller gets uvloop there; ``asgi.run(...,
@@ -66,11 +70,12 @@ _UVICORN: dict[str, Any] = {
 }
 
 
-async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event) -> None:
+async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event, *,
+                         tickets: bool = True) -> None:
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", **_UVICORN)
     config.load()
     if pem is not None:
-        config.ssl = plain_mtls_context(pem, server=True)
+        config.ssl = plain_mtls_context(pem, server=True, tickets=tickets)
     # uvicorn handles SIGTERM/SIGINT itself while serving: it stops and re-raises.
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -85,13 +90,15 @@ async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event) -> Non
     await asyncio.wait_for(task, 10)
 
 
-async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Event) -> None:
+async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Event, *,
+                        tickets: bool = True) -> None:
     from consul_connect.agent.config import AgentConfig
     from consul_connect.integrations.asgi import serve
     from consul_connect.service import Service
 
     kind: Any = authorizer  # "intentions" or "agent"
-    svc = Service("api", agent=AgentConfig.from_address(agent), authorizer=kind)
+    svc = Service("api", agent=AgentConfig.from_address(agent), authorizer=kind,
+                  session_tickets=tickets)
     try:
         server = await serve(app, svc, "127.0.0.1", port, ready_timeout=30, **_UVICORN)
         print(f"listening {server.port}", flush=True)
@@ -109,9 +116,11 @@ async def _main(args: argparse.Namespace) -> None:
     if args.kind == "plain":
         await _serve_uvicorn(args.port, None, stop)
     elif args.kind == "mtls":
-        await _serve_uvicorn(args.port, fetch_pem(args.agent, "api"), stop)
+        await _serve_uvicorn(args.port, fetch_pem(args.agent, "api"), stop,
+                             tickets=not args.no_tickets)
     elif args.kind in ("native-intentions", "native-agent"):
-        await _serve_native(args.port, args.agent, args.kind.split("-", 1)[1], stop)
+        await _serve_native(args.port, args.agent, args.kind.split("-", 1)[1], stop,
+                            tickets=not args.no_tickets)
     else:
         raise SystemExit(f"unknown kind {args.kind}")
 
@@ -132,6 +141,7 @@ def main() -> None:
     parser.add_argument("--agent", default="")
     parser.add_argument("--profile", default="")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--no-tickets", action="store_true")
     args = parser.parse_args()
     if not args.profile:
         _run(args)

@@ -188,7 +188,9 @@ class Service:
     ``close_denied_connections`` closes accepted connections whose peer a later
     intention change denies. ``resume_sessions`` lets dials offer the TLS session of
     an earlier connection to the same instance (``False``: every dial makes a full
-    handshake).
+    handshake). ``session_tickets=False`` makes this Service's listeners send no
+    TLS 1.3 session tickets: no caller can resume, and each full handshake costs
+    the server less (for services whose callers never resume).
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class Service:
         check_ttl: float = 15.0,
         close_denied_connections: bool = True,
         resume_sessions: bool = True,
+        session_tickets: bool = True,
         _static: tuple[Leaf, RootSet] | None = None,
     ) -> None:
         if not name:
@@ -226,6 +229,7 @@ class Service:
         self._tracked: dict[int, _Tracked] = {}
         self._tracked_lock = threading.Lock()
         self._close_denied = close_denied_connections
+        self._session_tickets = session_tickets
         self._listeners: list[ConnectListener] = []
         self._servers: list[tuple[asyncio.AbstractEventLoop, asyncio.Server]] = []
         self._resolvers: dict[str, Resolver] = {}
@@ -278,6 +282,7 @@ class Service:
         authorizer: Authorizer,
         close_denied_connections: bool = True,
         resume_sessions: bool = True,
+        session_tickets: bool = True,
     ) -> Service:
         """A Service with fixed certificate material and no agent (dev mode, tests).
 
@@ -293,12 +298,19 @@ class Service:
             authorizer=authorizer,
             close_denied_connections=close_denied_connections,
             resume_sessions=resume_sessions,
+            session_tickets=session_tickets,
             _static=(leaf, roots),
         )
 
     @classmethod
     def from_test_ca(
-        cls, ca: Any, name: str, *, authorizer: Authorizer, resume_sessions: bool = True
+        cls,
+        ca: Any,
+        name: str,
+        *,
+        authorizer: Authorizer,
+        resume_sessions: bool = True,
+        session_tickets: bool = True,
     ) -> Service:
         """A Service whose leaf is issued by a :class:`consul_connect.testing.TestCA`."""
         leaf = ca.issue(name)
@@ -306,6 +318,7 @@ class Service:
             name,
             authorizer=authorizer,
             resume_sessions=resume_sessions,
+            session_tickets=session_tickets,
             _static=(leaf, ca.roots()),
         )
 
@@ -543,7 +556,9 @@ class Service:
         if leaf is None or roots is None:
             return
         try:
-            material = TLSMaterial.build(leaf, roots, datetime.now(UTC))
+            material = TLSMaterial.build(
+                leaf, roots, datetime.now(UTC), session_tickets=self._session_tickets
+            )
         except CertificateError as exc:
             # A leaf and roots that do not verify together are never published; the
             # previous (working) material stays until a matching pair arrives.

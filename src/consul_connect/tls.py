@@ -247,7 +247,9 @@ class _ServerSSLObject(ssl.SSLObject):
             self._cc_report(_NOT_FINISHED)
 
 
-def _server_context(leaf: Leaf, roots: RootSet, alpn: Sequence[str] | None) -> ssl.SSLContext:
+def _server_context(
+    leaf: Leaf, roots: RootSet, alpn: Sequence[str] | None, *, tickets: bool = True
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.sslobject_class = _ServerSSLObject
     _harden(ctx, alpn)
@@ -255,7 +257,11 @@ def _server_context(leaf: Leaf, roots: RootSet, alpn: Sequence[str] | None) -> s
     # One TLS 1.3 session ticket per handshake instead of OpenSSL's two: a client
     # resumes with one, and each ticket costs the server ~0.3 ms with OpenSSL 3.0
     # (measured: full handshake 1.8 -> 1.5 ms server CPU; bench/results/RESULTS.md).
-    ctx.num_tickets = _SERVER_TICKETS
+    # Without tickets, TLS 1.3 clients cannot resume; TLS 1.2 clients still can, by
+    # session ID from this context's in-memory cache (cheap: no ticket to encrypt).
+    ctx.num_tickets = _SERVER_TICKETS if tickets else 0
+    if not tickets:
+        ctx.options |= ssl.OP_NO_TICKET
     ctx.load_verify_locations(cadata=roots.cadata)
     load_cert_chain_from_memory(ctx, leaf.full_chain_pem, leaf.private_key_pem)
     return ctx
@@ -297,11 +303,15 @@ class TLSMaterial:
         now: datetime | None = None,
         *,
         alpn_protocols: Sequence[str] | None = None,
+        session_tickets: bool = True,
     ) -> TLSMaterial:
         """Verify ``leaf`` against ``roots`` at ``now`` and build both contexts.
 
         ``now`` defaults to the current UTC time. ``alpn_protocols`` (default: none
         advertised) is set on both contexts, e.g. ``["h2", "http/1.1"]``.
+        ``session_tickets=False`` makes the server context send no TLS session
+        tickets, so TLS 1.3 clients cannot resume with it, and each full handshake
+        costs the server less.
 
         Raises :class:`CertificateError` if the leaf does not chain to any of the roots
         (with its own chain and the roots' intermediates), is expired or a CA, or if
@@ -312,7 +322,9 @@ class TLSMaterial:
         return cls(
             leaf=leaf,
             roots=roots,
-            server_context=_server_context(leaf, roots, alpn_protocols),
+            server_context=_server_context(
+                leaf, roots, alpn_protocols, tickets=session_tickets
+            ),
             client_context=_client_context(leaf, roots, alpn_protocols),
             built_at=at,
         )

@@ -333,6 +333,20 @@ async def test_with_resumption_off_every_async_dial_is_a_full_handshake(ca: Test
     assert web.client_context.sessions_offered == 0
 
 
+async def test_a_server_without_session_tickets_never_lets_a_caller_resume(ca: TestCA) -> None:
+    web = Service.from_test_ca(ca, "web", authorizer=AllowTrustDomain(ca.trust_domain))
+    api = Service.from_test_ca(
+        ca, "api", authorizer=AllowTrustDomain(ca.trust_domain), session_tickets=False
+    )
+    try:
+        assert await _echo_dials(web, api, 3) == [False, False, False]
+        assert api._current_material().server_context.num_tickets == 0
+    finally:
+        await web.aclose()
+        await api.aclose()
+    assert api.statistics().accepted == 3
+
+
 def test_a_resumed_session_with_a_since_expired_certificate_is_refused(ca: TestCA) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
