@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scenarios"))
+import twohost
 from common import (
     BENCH_DIR,
     Proc,
@@ -260,17 +261,24 @@ class Bench:
     # ---------------------------------------------------------------- measuring
 
     def loadgen(self, scn: Scenario, mode: str, *, duration: float, extra: list[str] | None = None,
-                during: Any = None) -> dict[str, Any]:
-        """One load-generator run; CPU of every process sampled around its window."""
+                during: Any = None, command: list[str] | None = None,
+                pass_fds: tuple[int, ...] = (), cpus: set[int] | None = None) -> dict[str, Any]:
+        """One load-generator run; CPU of every process sampled around its window.
+
+        ``command`` replaces the Python load generator (it must print ``start`` and
+        one JSON line the same way); ``cpus`` pins it.
+        """
         a = self.args
-        args = python_script("loadgen.py", "--mode", mode, "--tls", scn.tls, "--client",
+        args = command or python_script("loadgen.py", "--mode", mode, "--tls", scn.tls, "--client",
                              scn.client, "--port", str(scn.port), "--agent", self.addr,
                              "--conns", str(a.conns), "--warmup", str(a.warmup),
                              "--duration", str(duration), *(["--resume"] if scn.resume else []),
                              "--loop", scn.loop,
                              *(extra or []))
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            pass_fds=pass_fds,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         budget = duration + a.warmup + 60
         killer = threading.Timer(budget, lambda: _killpg(proc.pid))
         killer.start()
@@ -517,10 +525,11 @@ def _profile_top(path: Path, lines: int = 45) -> str:
     return "\n".join(text.splitlines()[:lines])
 
 
-def analyse(raw: dict[str, Any]) -> dict[str, Any]:
+def analyse(raw: dict[str, Any], ratio_key: str = "rps") -> dict[str, Any]:
     """Per-scenario medians (min-max) and same-round ratios between every pair.
 
-    ``_ratios[base][name]``: ``name``'s req/s over ``base``'s, per round, summarised.
+    ``_ratios[base][name]``: ``name``'s ``ratio_key`` (req/s) over ``base``'s, per
+    round, summarised.
     ``_added_p99_ms[base][name]``: ``name``'s p99 minus ``base``'s, per round, for the
     plaintext baselines.
     """
@@ -530,7 +539,8 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
     for mode, by_name in raw.items():
         m: dict[str, Any] = {}
         for name, runs in by_name.items():
-            m[name] = {k: summary([float(r[k]) for r in runs]) for k in metrics}
+            m[name] = {k: summary([float(r[k]) for r in runs])
+                       for k in [*metrics, ratio_key, "client_core_use"] if k in runs[0]}
         rounds = sorted({r["round"] for runs in by_name.values() for r in runs})
 
         def per_round(num: str, den: str, key: str = "rps", *, diff: bool = False,
@@ -546,8 +556,8 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
                         vals.append(a[0] / b[0])
             return vals
 
-        m["_ratios"] = {base: {name: summary(per_round(name, base)) for name in by_name}
-                        for base in by_name}
+        m["_ratios"] = {base: {name: summary(per_round(name, base, ratio_key))
+                               for name in by_name} for base in by_name}
         m["_added_p99_ms"] = {
             base: {name: summary(per_round(name, base, "p99_ms", diff=True)) for name in by_name}
             for base in ("plain", "plain-uvloop") if base in by_name}
@@ -556,7 +566,8 @@ def analyse(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def targets(an: dict[str, Any], micro: dict[str, Any], rot: dict[str, Any],
-            rate: float = 1000.0) -> list[dict[str, Any]]:
+            rate: float = 1000.0, *, fam_of: Any = None,
+            natives: list[str] | None = None) -> list[dict[str, Any]]:
     """Each acceptance target with its measured value, pass/miss and the margin.
 
     Every native variant is judged against the baselines of its own family (same
@@ -592,8 +603,8 @@ def targets(an: dict[str, Any], micro: dict[str, Any], rot: dict[str, Any],
                      # A sidecar that adds nothing leaves no room: no meaningful margin.
                      "margin_pct": ((goal - v) / goal * 100) if goal > 0 else float("nan")})
 
-    for nat in [n for n in NATIVES if n in an.get("conn", {})]:
-        fam = family(nat)
+    for nat in [n for n in natives or NATIVES if n in an.get("conn", {})]:
+        fam = (fam_of or family)(nat)
         for target, base, goal in (("new conn/s >= 0.9x plain Python mTLS", "mtls", 0.9),
                                    ("new conn/s >= 0.8x nginx mTLS ceiling", "ceiling", 0.8),
                                    ("new conn/s >= 1.3x sidecar pair", "sidecar", 1.3)):
@@ -731,6 +742,79 @@ def _mm(s: dict[str, float], digits: int = 2) -> str:
     return f"{_f(s['median'], digits)} ({_f(s['min'], digits)}\u2013{_f(s['max'], digits)})"
 
 
+def _targets_md(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| target | native variant | vs | measured | goal | status | margin |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+    for t in rows:
+        if t["status"] == "not measured":
+            lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {DASH} "
+                         f"| {DASH} | not measured | {DASH} |")
+            continue
+        unit = t["unit"]
+        meas = f"{_f(t['value'])} {unit}"
+        if "min" in t:
+            meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
+        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {meas} "
+                     f"| {_f(float(t['goal']))} {unit} "
+                     f"| **{t['status']}** | {_f(t['margin_pct'], 0)} % |")
+    lines += ["", "Margin: how far the median is above (+) or below (\u2212) the goal, in % of the "
+              "goal (for 'lower is better' targets, + means under the limit).", ""]
+    return lines
+
+
+def _twohost_md(th: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The two-host view: its method, its targets and its two tables."""
+    if not th:
+        return []
+    lines = ["## Two-host view: one server core", ""]
+    if "skipped" in th:
+        return [*lines, f"Not measured: {th['skipped']}.", ""]
+    an, an_rps = th["analysis"], th["analysis_rps"]
+    lines += [
+        "The matrix above runs a Python load generator on the same two cores as the server, "
+        "so each scenario also pays for its client's TLS. Here CPU 0 is the server host (the "
+        "Python server, the server-side nginx, the dev agent) and CPU 1 the client host (a "
+        f"C load generator, `bench/cgen/loadgen.c`, and the client-side nginx), as the "
+        "issue's baseline was measured. The generator does TLS in C with the \"web\" leaf "
+        "and verifies the server's chain (not its URI SAN); towards the sidecar pair it "
+        "speaks plaintext to the client-side nginx. `-uvloop` means the server's loop only. "
+        f"{cfg['rounds']} interleaved rounds of {cfg['duration']} s, {cfg['conns']} "
+        "connections. **Ratios are of requests per server-core CPU second** (server process "
+        "+ server-side nginx), so a run whose client core ran out first is still compared "
+        "fairly; the req/s ratio is shown beside it.",
+        "",
+        "### Targets, judged per server core",
+        "",
+    ]
+    lines += _targets_md(th["targets"])
+    for mode, title, base in (("conn", "New connection per request", "mtls"),
+                              ("keep", "Keep-alive", "plain")):
+        m = an.get(mode)
+        if not m:
+            continue
+        lines += [f"### {title} (two hosts)", "",
+                  f"| scenario | req/s | per server CPU-s | ratio to {base} | ratio to sidecar "
+                  f"| req/s ratio to sidecar | p50 ms | p99 ms | server CPU s/1k "
+                  "| client core use | failed |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name in DESCRIPTIONS:
+            if name not in m:
+                continue
+            st = m[name]
+            fam = twohost.family(name)
+            r_base = m["_ratios"].get(fam[base], {}).get(name)
+            r_side = m["_ratios"].get(fam["sidecar"], {}).get(name)
+            q_side = an_rps[mode]["_ratios"].get(fam["sidecar"], {}).get(name)
+            lines.append(
+                f"| {name} | {_mm(st['rps'], 0)} | {_mm(st['per_server_cpu_s'], 0)} | "
+                f"{_mm(r_base) if r_base else DASH} | {_mm(r_side) if r_side else DASH} | "
+                f"{_mm(q_side) if q_side else DASH} | {_f(st['p50_ms']['median'])} | "
+                f"{_f(st['p99_ms']['median'])} | {_f(st['server_cpu_per_1k']['median'], 3)} | "
+                f"{_f(st['client_core_use']['median'])} | {_f(st['failures']['max'], 0)} |")
+        lines.append("")
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     mach = res["machine"]
     an = res["analysis"]
@@ -770,23 +854,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | native variant | vs | measured | goal | status | margin |",
-        "| --- | --- | --- | ---: | ---: | --- | ---: |",
     ]
-    for t in res["targets"]:
-        if t["status"] == "not measured":
-            lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {DASH} "
-                         f"| {DASH} | not measured | {DASH} |")
-            continue
-        unit = t["unit"]
-        meas = f"{_f(t['value'])} {unit}"
-        if "min" in t:
-            meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
-        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {meas} "
-                     f"| {_f(float(t['goal']))} {unit} "
-                     f"| **{t['status']}** | {_f(t['margin_pct'], 0)} % |")
-    lines += ["", "Margin: how far the median is above (+) or below (\u2212) the goal, in % of the "
-              "goal (for 'lower is better' targets, + means under the limit).", ""]
+    lines += _targets_md(res["targets"])
     for mode, title in (("conn", "New connection per request"), ("keep", "Keep-alive"),
                         ("rate", f"Keep-alive at a fixed {cfg.get('rate', 1000):,.0f} req/s")):
         m = an.get(mode)
@@ -824,6 +893,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("")
     lines += ["Scenarios:", ""] + [f"- **{k}**: {v}" for k, v in DESCRIPTIONS.items()
                                    if any(k in an.get(m, {}) for m in ("conn", "keep"))] + [""]
+    lines += _twohost_md(res.get("twohost", {}), cfg)
     lines += _published_md(an, cfg)
     lines += _before_after_md(res)
     ref = res.get("openssl", {})
@@ -1166,6 +1236,18 @@ def _profile_md(prof: dict[str, Any]) -> list[str]:
 # -------------------------------------------------------------------------------- main
 
 
+def _judge(res: dict[str, Any]) -> None:
+    """Targets of the main matrix, and of the two-host view (analysed per server core)."""
+    res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
+                             res["config"].get("rate", 1000.0))
+    th = res.get("twohost", {})
+    if "raw" in th:
+        th["analysis"] = analyse(th["raw"], "per_server_cpu_s")
+        th["analysis_rps"] = analyse(th["raw"])
+        th["targets"] = targets(th["analysis"], {}, {}, fam_of=twohost.family,
+                                natives=twohost.NATIVES)
+
+
 def _start_micro(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -1202,6 +1284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-nginx", action="store_true")
     parser.add_argument("--no-uvloop", action="store_true",
                         help="skip the uvloop scenarios even if uvloop is installed")
+    parser.add_argument("--no-twohost", action="store_true",
+                        help="skip the two-host view (server pinned to CPU 0, C client on CPU 1)")
     parser.add_argument("--reading", default="", help="a file whose text goes under 'Reading'")
     parser.add_argument("--only-rotation", action="store_true",
                         help="re-measure only the rotation into an existing results.json")
@@ -1219,8 +1303,7 @@ def main(argv: list[str] | None = None) -> int:
             res["rotation"] = bench.rotation()
         finally:
             bench.close()
-        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
-                             res["config"].get("rate", 1000.0))
+        _judge(res)
         res["rotation_rerun"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         args.render_only = True
@@ -1229,8 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((out / "results.json").read_text())
         if args.reading and Path(args.reading).exists():
             res["reading"] = Path(args.reading).read_text().strip()
-        res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
-                             res["config"].get("rate", 1000.0))
+        _judge(res)
         res["plots"] = plots(out, res["analysis"], res["rotation"])
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         (out / "RESULTS.md").write_text(markdown(res))
@@ -1262,6 +1344,9 @@ def main(argv: list[str] | None = None) -> int:
         res["raw"] = raw
         res["analysis"] = analyse(raw)
         res["openssl"] = bench.openssl_reference()
+        if not args.no_twohost:
+            # Before the rotation: the plain mTLS server and nginx keep their first leaf.
+            res["twohost"] = twohost.run(bench, _log)
         res["rotation"] = bench.rotation()
         if not args.smoke:
             try:
@@ -1278,8 +1363,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # keep the rest of the run
         res["micro"] = {"error": str(exc)[-1500:]}
         _log(f"micro-benchmarks failed: {exc}")
-    res["targets"] = targets(res["analysis"], res["micro"], res["rotation"],
-                             res["config"].get("rate", 1000.0))
+    _judge(res)
     if args.reading and Path(args.reading).exists():
         res["reading"] = Path(args.reading).read_text().strip()
     res["elapsed_s"] = time.monotonic() - t0

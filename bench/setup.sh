@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs what the benchmark needs and is missing: Debian's nginx (with the stream
-# module, for the L4 sidecar pair), matplotlib (plots), pyinstrument (profile), uvloop.
+# module, for the L4 sidecar pair), a C compiler and libssl headers (the two-host
+# view's C load generator), matplotlib (plots), pyinstrument (profile), uvloop.
 # Idempotent; safe to run again. Needs root (or sudo) for apt-get.
 set -eu
 
@@ -23,6 +24,12 @@ if ! command -v nginx >/dev/null 2>&1 || ! have_stream_module; then
     fi
     # The package starts a system nginx on port 80; the benchmark runs its own.
     $SUDO systemctl stop nginx 2>/dev/null || $SUDO service nginx stop 2>/dev/null || true
+fi
+
+if ! command -v cc >/dev/null 2>&1 || [ ! -f /usr/include/openssl/ssl.h ]; then
+    $SUDO apt-get update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
+        gcc libc6-dev libssl-dev
 fi
 
 PY="${PYTHON:-python3}"

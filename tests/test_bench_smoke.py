@@ -8,6 +8,7 @@ runs the micro-benchmarks and the rotation, and writes its JSON and Markdown.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,21 @@ def test_smoke_run_measures_native_path_and_writes_results(tmp_path: Path) -> No
         for mode in ("conn", "keep"):  # server and client on uvloop
             uv = results["raw"][mode]["native-intentions-uvloop"]
             assert all(r["requests"] > 0 and r["failures"] == 0 for r in uv), uv
+    two = results["twohost"]
+    if shutil.which("cc") and Path("/usr/include/openssl/ssl.h").exists():
+        for mode in ("conn", "keep"):
+            for name in ("plain", "mtls", "native-intentions"):
+                runs = two["raw"][mode][name]
+                assert all(r["requests"] > 0 and r["failures"] == 0 for r in runs), runs
+                # The server side is pinned to one core.
+                assert all(r["server_cpu_s"] <= 1.2 * r["window_s"] + 0.05 for r in runs), runs
+        # The C client resumes against the ticket-sending server, and cannot against
+        # the full-handshake one (Service(session_tickets=False)).
+        assert all(r["resumed"] > 0 for r in two["raw"]["conn"]["native-intentions+resume"])
+        assert all(r["resumed"] == 0 for r in two["raw"]["conn"]["native-intentions"])
+        assert all(r["handshakes"] > 0 for r in two["raw"]["conn"]["native-intentions"])
+    else:
+        assert "skipped" in two
     for mode in ("conn", "conn+resume"):
         rotation = results["rotation"][mode]
         assert rotation["requests"] > 0, mode
@@ -68,4 +84,5 @@ def test_smoke_run_measures_native_path_and_writes_results(tmp_path: Path) -> No
     assert scale["roots_watch_hubs"] == 1
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Targets" in text
+    assert "## Two-host view: one server core" in text
     assert "native-intentions" in text
