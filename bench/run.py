@@ -742,6 +742,14 @@ def _mm(s: dict[str, float], digits: int = 2) -> str:
     return f"{_f(s['median'], digits)} ({_f(s['min'], digits)}\u2013{_f(s['max'], digits)})"
 
 
+def _measured(t: dict[str, Any]) -> str:
+    """A target's median with its unit and, when known, (min-max)."""
+    meas = f"{_f(t['value'])} {t['unit']}"
+    if "min" in t:
+        meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
+    return meas
+
+
 def _targets_md(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| target | native variant | vs | measured | goal | status | margin |",
              "| --- | --- | --- | ---: | ---: | --- | ---: |"]
@@ -750,12 +758,8 @@ def _targets_md(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {DASH} "
                          f"| {DASH} | not measured | {DASH} |")
             continue
-        unit = t["unit"]
-        meas = f"{_f(t['value'])} {unit}"
-        if "min" in t:
-            meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
-        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {meas} "
-                     f"| {_f(float(t['goal']))} {unit} "
+        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {_measured(t)} "
+                     f"| {_f(float(t['goal']))} {t['unit']} "
                      f"| **{t['status']}** | {_f(t['margin_pct'], 0)} % |")
     lines += ["", "Margin: how far the median is above (+) or below (\u2212) the goal, in % of the "
               "goal (for 'lower is better' targets, + means under the limit).", ""]
@@ -906,6 +910,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines += _micro_md(res.get("micro", {}))
     lines += _rotation_md(res.get("rotation", {}), res.get("rotation_rerun", ""))
     lines += _profile_md(res.get("profile", {}))
+    lines += _where_md(res.get("where", {}))
     if res.get("reading"):
         lines += ["## Reading", "", res["reading"], ""]
     return "\n".join(lines) + "\n"
@@ -961,6 +966,17 @@ README_BEGIN = "<!-- bench results: written by bench/run.py -->"
 README_END = "<!-- end of bench results -->"
 
 
+def _readme_targets(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| target | native variant | vs | measured | status |",
+             "| --- | --- | --- | ---: | --- |"]
+    for t in rows:
+        if "value" not in t or t["native"] == "native-agent":
+            continue
+        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | "
+                     f"{_measured(t)} | {t['status']} |")
+    return lines
+
+
 def readme_block(res: dict[str, Any]) -> str:
     """The README's summary of a full run: date, machine, plots, the targets table."""
     mach = res["machine"]
@@ -974,16 +990,12 @@ def readme_block(res: dict[str, Any]) -> str:
              "![throughput, new connections](bench/results/throughput_conn.png)",
              "![throughput, keep-alive](bench/results/throughput_keep.png)",
              "![latency](bench/results/latency.png)", "",
-             "| target | native variant | vs | measured | status |",
-             "| --- | --- | --- | ---: | --- |"]
-    for t in res["targets"]:
-        if "value" not in t or t["native"] == "native-agent":
-            continue
-        meas = f"{_f(t['value'])} {t['unit']}"
-        if "min" in t:
-            meas += f" ({_f(t['min'])}\u2013{_f(t['max'])})"
-        lines.append(f"| {t['target']} | {t['native']} | {t.get('vs') or DASH} | {meas} "
-                     f"| {t['status']} |")
+             *_readme_targets(res["targets"])]
+    th = res.get("twohost", {})
+    if th.get("targets"):
+        lines += ["", "Two-host view (server side pinned to one core, a C client on the other; "
+                  "ratios of requests per server CPU second):", "",
+                  *_readme_targets(th["targets"])]
     lines += ["", "The agent authorizer's rows (`native-agent`), where each miss comes from, "
               "the profiles and every table: "
               "[`bench/results/RESULTS.md`](bench/results/RESULTS.md).", README_END]
@@ -1233,6 +1245,19 @@ def _profile_md(prof: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _where_md(where: dict[str, str]) -> list[str]:
+    if not where:
+        return []
+    lines = ["## Where the native server's CPU goes (py-spy)", "",
+             "`python bench/where.py`: the native server pinned to CPU 0, the C load generator "
+             "on CPU 1, the serving thread sampled with `py-spy --native` (low overhead, sees "
+             "OpenSSL under Python). pyinstrument, above, inflates short Python frames; these "
+             "shares do not.", ""]
+    for mode, text in where.items():
+        lines += [f"`where_native_{mode}.txt`:", "", "```", text.rstrip(), "```", ""]
+    return lines
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -1356,6 +1381,21 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"profile failed: {exc}")
     finally:
         bench.close()
+    out = Path(args.out)
+    if not args.smoke:
+        _log("where the native server's CPU goes (py-spy) ...")
+        for old in out.glob("where_native_*.txt"):
+            old.unlink()
+        try:
+            spied = subprocess.run(
+                [sys.executable, str(BENCH_DIR / "where.py"), "--out", str(out)],
+                capture_output=True, timeout=240, check=False)
+            if spied.returncode != 0:
+                raise RuntimeError(spied.stderr.decode()[-800:])
+            res["where"] = {m: (out / f"where_native_{m}.txt").read_text()
+                            for m in ("conn", "keep") if (out / f"where_native_{m}.txt").exists()}
+        except Exception as exc:  # keep the measurements already taken
+            _log(f"where.py failed: {exc}")
     _log("micro-benchmarks ...")
     try:
         res["micro"] = (_finish_micro(micro_early, 120) if micro_early is not None
@@ -1367,7 +1407,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.reading and Path(args.reading).exists():
         res["reading"] = Path(args.reading).read_text().strip()
     res["elapsed_s"] = time.monotonic() - t0
-    out = Path(args.out)
     res["plots"] = plots(out, res["analysis"], res["rotation"])
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "RESULTS.md").write_text(markdown(res))

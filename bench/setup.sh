@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs what the benchmark needs and is missing: Debian's nginx (with the stream
 # module, for the L4 sidecar pair), a C compiler and libssl headers (the two-host
-# view's C load generator), matplotlib (plots), pyinstrument (profile), uvloop.
+# view's C load generator), matplotlib (plots), pyinstrument and py-spy (profiles), uvloop.
 # Idempotent; safe to run again. Needs root (or sudo) for apt-get.
 set -eu
 
@@ -35,6 +35,8 @@ fi
 PY="${PYTHON:-python3}"
 "$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip install --quiet matplotlib
 "$PY" -c "import pyinstrument" 2>/dev/null || "$PY" -m pip install --quiet pyinstrument
+# Optional: bench/where.py (py-spy's view of the native server) is skipped without it.
+command -v py-spy >/dev/null 2>&1 || "$PY" -m pip install --quiet py-spy || true
 # Optional: the uvloop scenarios are skipped without it.
 "$PY" -c "import uvloop" 2>/dev/null || "$PY" -m pip install --quiet uvloop || true
 "$PY" -c "import consul_connect" 2>/dev/null || "$PY" -m pip install --quiet -e "$(dirname "$0")/.."

@@ -1,0 +1,152 @@
+"""Where a native server's CPU goes, sampled with py-spy (low overhead, native frames).
+
+``python bench/where.py [--seconds 5] [--out DIR]`` starts a dev agent and the native
+server (``Service("api")``, full handshakes: no tickets), pins it to CPU 0, drives it
+from the C load generator on CPU 1 (new connection per request, then keep-alive) and
+records the serving thread with ``py-spy record --native``. It writes
+``where_native_<mode>.txt`` per mode: the share of the serving thread's busy samples
+under each kind of work (OpenSSL's handshake, TLS records, asyncio's SSL protocol,
+uvicorn and h11, the library's own frames) and the innermost Python frames. Needs
+py-spy (``pip install py-spy``) and ptrace rights over child processes.
+
+py-spy stops the process for each native stack, so the server runs slower while it is
+sampled: read the shares, not the request rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scenarios"))
+import cgen
+import httpx
+from common import BENCH_DIR, Proc, fetch_pem, free_port, python_script, wait_port
+
+# Inclusive shares: a sample counts under every kind whose frame is on its stack.
+KINDS = {
+    "OpenSSL handshake (SSLObject.do_handshake)": "do_handshake (ssl.py",
+    "TLS record read (SSLObject.read)": "read (ssl.py",
+    "TLS record write (SSLObject.write)": "write (ssl.py",
+    "asyncio SSL protocol and below": "asyncio/sslproto.py",
+    "uvicorn (HTTP protocol, app cycle)": "uvicorn/",
+    "h11 (HTTP parsing and writing)": "h11/",
+    "the ASGI app task (run_asgi)": "run_asgi",
+    "accepting sockets": "_accept_connection",
+    "connection_lost / close": "connection_lost",
+}
+
+
+def summarise(raw: Path) -> dict[str, object]:
+    """Shares of the event-loop thread's busy samples, from a py-spy raw file."""
+    busy = idle = 0
+    incl: collections.Counter[str] = collections.Counter()
+    inner: collections.Counter[str] = collections.Counter()
+    own = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        if "_run_once" not in stack:
+            continue  # other threads: the Service's runtime thread, idle executors
+        if "select (selectors.py" in stack:
+            idle += n
+            continue
+        busy += n
+        for kind, frame in KINDS.items():
+            if frame in stack:
+                incl[kind] += n
+        py = [f for f in stack.split(";") if ".py:" in f]
+        if py:
+            inner[re.sub(r" \(.*?([^/]+\.py):\d+\)", r" (\1)", py[-1])] += n
+            if "consul_connect/" in py[-1]:
+                own += n
+    return {
+        "busy_samples": busy,
+        "idle_samples": idle,
+        "inclusive_pct": {k: 100 * incl[k] / max(busy, 1) for k in KINDS},
+        "library_innermost_pct": 100 * own / max(busy, 1),
+        "top_innermost_pct": {k: 100 * v / max(busy, 1) for k, v in inner.most_common(15)},
+    }
+
+
+def render(mode: str, s: dict[str, object], rps: float) -> str:
+    lines = [f"Native server (asyncio), {mode}: py-spy --native, serving thread only.",
+             f"Busy samples {s['busy_samples']}, idle (in epoll) {s['idle_samples']}; "
+             f"{rps:.0f} req/s while sampled.", "",
+             "Share of busy samples with this work on the stack (overlapping):"]
+    for k, v in s["inclusive_pct"].items():  # type: ignore[attr-defined]
+        lines.append(f"  {v:5.1f} %  {k}")
+    lines += ["", f"  {s['library_innermost_pct']:5.1f} %  innermost frame in consul_connect",
+              "", "Innermost Python frames (their own time plus native code below them):"]
+    for k, v in s["top_innermost_pct"].items():  # type: ignore[attr-defined]
+        lines.append(f"  {v:5.1f} %  {k}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--out", default=str(BENCH_DIR / "results"))
+    args = parser.parse_args()
+    spy = shutil.which("py-spy")
+    exe = cgen.build()
+    if spy is None or isinstance(exe, str) or (os.cpu_count() or 1) < 2:
+        print(f"skipped: needs py-spy, two CPUs and the C load generator ({exe})")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    agent = Proc(python_script("agent.py"), name="agent", stdin=subprocess.PIPE)
+    keys = None
+    server = None
+    try:
+        assert agent.popen.stdout is not None
+        addr = agent.popen.stdout.readline().decode().split()[1]
+        httpx.put(f"http://{addr}/v1/connect/intentions/exact",
+                  params={"source": "web", "destination": "api"},
+                  json={"Action": "allow"}, timeout=10).raise_for_status()
+        keys = cgen.KeyFds(fetch_pem(addr, "web"))
+        port = free_port()
+        server = Proc(python_script("server.py", "--kind", "native-intentions", "--port",
+                                    str(port), "--agent", addr, "--no-tickets"), name="api")
+        wait_port(port, 60, server.popen)
+        for tid in os.listdir(f"/proc/{server.pid}/task"):
+            os.sched_setaffinity(int(tid), {0})
+        for mode in ("conn", "keep"):
+            gen = subprocess.Popen(
+                [str(exe), "--port", str(port), "--mode", mode, "--warmup", "0.5",
+                 "--duration", str(args.seconds + 2), *keys.args()],
+                pass_fds=keys.fds, stdout=subprocess.PIPE,
+                preexec_fn=lambda: os.sched_setaffinity(0, {1}))
+            with tempfile.TemporaryDirectory() as tmp:
+                raw = Path(tmp) / "raw.txt"
+                time.sleep(1.0)
+                subprocess.run([spy, "record", "--native", "--rate", "500", "--duration",
+                                str(int(args.seconds)), "--pid", str(server.pid),
+                                "--format", "raw", "--output", str(raw)],
+                               capture_output=True, timeout=args.seconds + 60, check=True)
+                stdout, _ = gen.communicate(timeout=args.seconds + 30)
+                rps = json.loads(stdout.decode().splitlines()[-1])["rps"]
+                text = render(mode, summarise(raw), rps)
+            (out / f"where_native_{mode}.txt").write_text(text)
+            print(text)
+    finally:
+        if server is not None:
+            server.close()
+        if keys is not None:
+            keys.close()
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
