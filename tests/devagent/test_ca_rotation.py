@@ -396,38 +396,79 @@ def test_blocking_roots_wake_up_when_a_root_is_pruned(agent: DevAgent, http: htt
 # ------------------------------------------------------------------- persistence
 
 
-def test_ca_survives_a_restart_with_a_data_dir(
+def test_a_restart_with_a_data_dir_keeps_the_ca_but_never_writes_its_key(
     start_agent: Callable[..., DevAgent], tmp_path: Path
 ) -> None:
-    data = str(tmp_path / "data")
-    first = start_agent(data_dir=data)
+    data = tmp_path / "data"
+    first = start_agent(data_dir=str(data))
     with client_for(first) as http:
         _rotate(http)
-        roots = http.get(ROOTS)
+        roots = http.get(ROOTS).json()
         config = http.get(CONFIG).json()
         leaf = http.get(LEAF)
     first.stop()
+    # No private key was ever written to the data directory.
+    for f in data.iterdir():
+        assert b"PRIVATE KEY" not in f.read_bytes(), f
 
-    second = start_agent(data_dir=data)
+    second = start_agent(data_dir=str(data))
     with client_for(second) as http:
         roots2 = http.get(ROOTS)
-        assert roots2.json() == roots.json()
-        assert roots2.headers["X-Consul-Index"] == roots.headers["X-Consul-Index"]
-        assert http.get(CONFIG).json() == config
-        # The leaf cache is gone, but indexes continue from where they were.
+        after = roots2.json()
+        # Same cluster and configuration; the CA key did not survive, so the agent
+        # started on a fresh root (not cross-signed: there is no old key to sign with).
+        assert after["TrustDomain"] == roots["TrustDomain"]
+        assert http.get(CONFIG).json()["Config"] == config["Config"]
+        assert [r["ID"] for r in after["Roots"][:-1]] == [r["ID"] for r in roots["Roots"]]
+        assert not any(r["Active"] for r in after["Roots"][:-1])
+        fresh = after["Roots"][-1]
+        assert fresh["Active"] and fresh["ID"] == after["ActiveRootID"] != roots["ActiveRootID"]
+        assert fresh["IntermediateCerts"] is None
+        assert fresh["PrivateKeyType"] == "ec" and fresh["PrivateKeyBits"] == 384
+        # The leaf from before the restart still verifies against a listed root.
+        old_active = x509.load_pem_x509_certificate(roots["Roots"][-1]["RootCert"].encode())
+        assert _issued_by(_certs(leaf.json()["CertPEM"])[0], old_active)
+        # New leaves come from the fresh root; indexes continue from where they were.
         leaf2 = http.get(LEAF)
         assert int(leaf2.headers["X-Consul-Index"]) > int(leaf.headers["X-Consul-Index"])
-        new_serial = _certs(leaf2.json()["CertPEM"])[0].serial_number
-        assert new_serial > _certs(leaf.json()["CertPEM"])[0].serial_number
-        # Both leaves chain to the (same) active root.
-        active = x509.load_pem_x509_certificate(roots.json()["Roots"][-1]["RootCert"].encode())
-        for body in (leaf.json(), leaf2.json()):
-            assert _issued_by(_certs(body["CertPEM"])[0], active)
-        # The private key survived too: a rotation now is cross-signed by it.
+        new_root = x509.load_pem_x509_certificate(fresh["RootCert"].encode())
+        assert _issued_by(_certs(leaf2.json()["CertPEM"])[0], new_root)
+        assert int(roots2.headers["X-Consul-Index"]) > int(leaf.headers["X-Consul-Index"])
+        # The fresh key signs the next rotation's cross-signature.
         _rotate(http, "ec", 256)
         latest = http.get(ROOTS).json()["Roots"][-1]
         xc = x509.load_pem_x509_certificate(latest["IntermediateCerts"][0].encode())
-        assert _issued_by(xc, active)
+        assert _issued_by(xc, new_root)
+    for f in data.iterdir():
+        assert b"PRIVATE KEY" not in f.read_bytes(), f
+
+
+def test_a_supplied_ca_key_is_not_written_to_the_data_dir_either(
+    start_agent: Callable[..., DevAgent], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = start_agent(data_dir=str(data))
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    with client_for(first) as http:
+        r = http.put(CONFIG, json={"Provider": "consul", "Config": {"PrivateKey": key_pem}})
+        assert r.status_code == 200, r.text
+        supplied = http.get(ROOTS).json()["Roots"][-1]
+    first.stop()
+    for f in data.iterdir():
+        assert b"PRIVATE KEY" not in f.read_bytes(), f
+    second = start_agent(data_dir=str(data))
+    with client_for(second) as http:
+        roots = http.get(ROOTS).json()["Roots"]
+        assert roots[-2]["ID"] == supplied["ID"] and not roots[-2]["Active"]
+        fresh = x509.load_pem_x509_certificate(roots[-1]["RootCert"].encode())
+        assert roots[-1]["Active"]
+        assert _key_id(fresh.public_key()) != _key_id(key.public_key())
+        assert _issued_by(_certs(http.get(LEAF).json()["CertPEM"])[0], fresh)
 
 
 def test_restart_keeps_the_cluster_id_even_if_config_names_another(

@@ -651,6 +651,9 @@ class ConnectCA:
         self.prune_interval = PRUNE_INTERVAL
         # Monotonic time of the last roots change (the agent roots cache re-fetch).
         self.roots_changed_at = time.monotonic()
+        # CA private keys never reach the data directory (see :meth:`bootstrap`).
+        store.keep_in_memory(PROVIDER_TABLE, "provider", "private_key")
+        store.keep_in_memory(CONFIG_TABLE, "config", "Config", "PrivateKey")
 
     # -- records --------------------------------------------------------------
 
@@ -697,8 +700,16 @@ class ConnectCA:
     # -- bootstrap ------------------------------------------------------------
 
     def bootstrap(self) -> None:
-        """Create the configuration and the first root unless the store already has them."""
+        """Create the configuration and the first root unless the store already has them.
+
+        A store loaded from a data directory has no CA private key (it is never
+        written there): the CA then starts on a fresh root, as a rotation that is
+        not cross-signed. The old roots stay in the set until pruned, so leaves
+        issued before the restart keep verifying.
+        """
         if self.bootstrapped:
+            if not self._provider.get("private_key"):
+                self._restart_on_fresh_root()
             return
         cluster_id = (self._wanted_cluster_id or str(uuid.uuid4())).lower()
         ttl = self._leaf_cert_ttl
@@ -850,6 +861,21 @@ class ConnectCA:
         self.store.commit(ROOTS_TABLE, PROVIDER_TABLE)
         self.roots_changed_at = time.monotonic()
         return fingerprint(cert)
+
+    def _restart_on_fresh_root(self) -> None:
+        config = self._config
+        if isinstance(config.get("Config"), dict) and config["Config"].get("RootCert"):
+            # A root supplied with its key cannot be used without that key.
+            config["Config"] = {k: v for k, v in config["Config"].items() if k != "RootCert"}
+            config["ModifyIndex"] = self.store.next_index()
+        current = self.provider_config()
+        key = generate_ca_key(current.private_key_type, current.private_key_bits)
+        cert = make_root_certificate(
+            key, self.cluster_id, self._next_serial(), current.root_cert_ttl, datetime.now(UTC)
+        )
+        self._install_root(key, cert, None, provider_id=self._provider.get("id", ""))
+        self.store.commit(CONFIG_TABLE, ROOTS_TABLE, PROVIDER_TABLE)
+        self.roots_changed_at = time.monotonic()
 
     def _new_root_material(self, cfg: ProviderConfig) -> tuple[CAPrivateKey, x509.Certificate]:
         if cfg.private_key:

@@ -39,6 +39,7 @@ class Store:
         self.meta: dict[str, Any] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._closed = False
+        self._unsaved: list[tuple[str, str, tuple[str, ...]]] = []
         self._data_dir = Path(data_dir) if data_dir is not None else None
         if self._data_dir is not None:
             self._data_dir.mkdir(parents=True, exist_ok=True)
@@ -125,15 +126,38 @@ class Store:
 
     # -- persistence ----------------------------------------------------------
 
+    def keep_in_memory(self, table: str, record: str, *path: str) -> None:
+        """Never write this field (``tables[table][record][path...]``) to the data directory.
+
+        For private keys: they live in memory only, and a restarted agent does
+        not find them.
+        """
+        self._unsaved.append((table, record, path))
+
+    def _tables_for_file(self) -> dict[str, dict[str, Any]]:
+        tables = self.tables
+        for table, record, path in self._unsaved:
+            rec = tables.get(table, {}).get(record)
+            if not isinstance(rec, dict):
+                continue
+            if tables is self.tables:
+                tables = dict(tables)
+            tables[table] = dict(tables[table])
+            tables[table][record] = _without(rec, path)
+        return tables
+
     def save(self) -> None:
-        """Write the whole state atomically to the data directory (no-op without one)."""
+        """Write the state atomically to the data directory (no-op without one).
+
+        Fields named with :meth:`keep_in_memory` are left out.
+        """
         if self._data_dir is None:
             return
         doc = {
             "version": _FORMAT_VERSION,
             "index": self.index,
             "table_index": self.table_index,
-            "tables": self.tables,
+            "tables": self._tables_for_file(),
             "meta": self.meta,
         }
         data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
@@ -170,3 +194,18 @@ class Store:
         self.table_index = {k: int(v) for k, v in doc["table_index"].items()}
         self.tables = doc["tables"]
         self.meta = doc.get("meta", {})
+
+
+def _without(rec: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``rec`` without the field at ``path`` (only the dicts on the path copied)."""
+    out = dict(rec)
+    head, rest = path[0], path[1:]
+    if head not in out:
+        return out
+    if rest:
+        inner = out[head]
+        if isinstance(inner, dict):
+            out[head] = _without(inner, rest)
+    else:
+        del out[head]
+    return out
