@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from consul_connect._goduration import format_duration, parse_duration
+from consul_connect.devagent import probes
 from consul_connect.devagent.bexpr import MAP, BexprError, Filter, Schema, compile_filter
 from consul_connect.devagent.context import CONSUL_VERSION
 from consul_connect.devagent.http import HTTPError, get_ci, go_json_kind
@@ -302,6 +303,8 @@ class CheckDef:
             "Interval": self.interval,
             "Timeout": self.timeout,
             "OutputMaxSize": self.output_max_size,
+            "FailuresBeforeWarning": self.failures_before_warning,
+            "FailuresBeforeCritical": self.failures_before_critical,
         }
 
 
@@ -1271,6 +1274,10 @@ class CatalogState:
         self.store = ctx.store
         self.ttl_deadlines: dict[str, float] = {}
         self.reap_deadlines: dict[str, float] = {}
+        # HTTP/TCP checks the agent runs itself: next run, running probe, thresholds.
+        self.probe_deadlines: dict[str, float] = {}
+        self.probe_tasks: dict[str, asyncio.Task[None]] = {}
+        self.probe_thresholds: dict[str, probes.Thresholds] = {}
         self.wakeup = asyncio.Event()
         self.running = False
         for t in ALL_TABLES:
@@ -1465,14 +1472,64 @@ class CatalogState:
         self.ttl_deadlines[ck] = _loop_time() + float(rec["_ttl"])
         self.wakeup.set()
 
+    def arm_probe(self, ck: str) -> None:
+        """(Re)start running HTTP/TCP check ``ck`` now and then every interval."""
+        rec = self.checks.get(ck)
+        task = self.probe_tasks.pop(ck, None)
+        if task is not None:
+            task.cancel()
+        d = (rec or {}).get("_def") or {}
+        if rec is None or not probes.probed(d):
+            self.probe_deadlines.pop(ck, None)
+            self.probe_thresholds.pop(ck, None)
+            return
+        self.probe_thresholds[ck] = probes.Thresholds(
+            int(d.get("FailuresBeforeWarning") or 0), int(d.get("FailuresBeforeCritical") or 0)
+        )
+        self.probe_deadlines[ck] = _loop_time()
+        self.wakeup.set()
+
     def forget_check(self, ck: str) -> None:
         """Drop timers of a removed check."""
         self.ttl_deadlines.pop(ck, None)
         self.reap_deadlines.pop(ck, None)
+        self.probe_deadlines.pop(ck, None)
+        self.probe_thresholds.pop(ck, None)
+        task = self.probe_tasks.pop(ck, None)
+        if task is not None:
+            task.cancel()
+
+    def _start_probes(self) -> None:
+        now = _loop_time()
+        for ck in [c for c, d in self.probe_deadlines.items() if d <= now]:
+            del self.probe_deadlines[ck]
+            rec = self.checks.get(ck)
+            if rec is None or ck in self.probe_tasks:
+                continue
+            self.probe_tasks[ck] = asyncio.get_running_loop().create_task(
+                self._run_probe(ck, rec["_def"])
+            )
+
+    async def _run_probe(self, ck: str, definition: Mapping[str, Any]) -> None:
+        try:
+            status, output = await probes.probe(definition)
+        finally:
+            if self.probe_tasks.get(ck) is asyncio.current_task():
+                del self.probe_tasks[ck]
+        rec = self.checks.get(ck)
+        thresholds = self.probe_thresholds.get(ck)
+        if rec is None or rec.get("_def") != definition or thresholds is None:
+            return  # deregistered or redefined meanwhile
+        verdict = thresholds.apply(status, output)
+        if verdict is not None:
+            self.set_check_status(ck, *verdict)
+        self.probe_deadlines[ck] = _loop_time() + float(definition["Interval"])
+        self.wakeup.set()
 
     def arm_all(self) -> None:
         """Start timers for every check (at agent start, TTLs get a fresh period)."""
         for ck, rec in self.checks.items():
+            self.arm_probe(ck)
             if rec.get("_ttl"):
                 self.arm_ttl(ck)
             if rec["Status"] == "critical":
@@ -1541,6 +1598,8 @@ class CatalogState:
                 self.checks[ck] = rec
                 # Re-registering restarts the TTL timer, as a fresh CheckTTL would.
                 self.arm_ttl(ck)
+                if ck not in self.probe_tasks and ck not in self.probe_deadlines:
+                    self.arm_probe(ck)
                 return False
         else:
             rec["CreateIndex"] = idx
@@ -1549,6 +1608,7 @@ class CatalogState:
         self._bump_for_check(idx, rec)
         self._track_critical(ck, rec, rec["Status"])
         self.arm_ttl(ck)
+        self.arm_probe(ck)
         return True
 
     def delete_check(self, idx: int, ck: str) -> None:
@@ -1608,7 +1668,12 @@ class CatalogState:
         self.arm_all()
         while True:
             await self._expire()
-            pending = list(self.ttl_deadlines.values()) + list(self.reap_deadlines.values())
+            self._start_probes()
+            pending = [
+                *self.ttl_deadlines.values(),
+                *self.reap_deadlines.values(),
+                *self.probe_deadlines.values(),
+            ]
             self.wakeup.clear()
             timeout = max(0.0, min(pending) - _loop_time()) if pending else None
             with contextlib.suppress(TimeoutError):
