@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,8 @@ import httpx
 import pytest
 
 from consul_connect.devagent.probes import Thresholds
+from consul_connect.testing import TestCA
+from consul_connect.tls import load_cert_chain_from_memory
 
 NATIVE = {"Name": "web", "ID": "web-1", "Port": 8443, "Connect": {"Native": True}}
 
@@ -26,9 +29,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 class HealthEndpoint:
-    """A loopback HTTP server whose answer (status, body) the test sets."""
+    """A loopback HTTP(S) server whose answer (status, body) the test sets."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.status = 200
         self.body = b"all good"
         self.requests: list[dict[str, str]] = []
@@ -46,7 +49,10 @@ class HealthEndpoint:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/health"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -162,3 +168,21 @@ def test_a_deregistered_check_is_no_longer_run(
     while time.monotonic() < deadline:
         assert len(endpoint.requests) <= settled
         time.sleep(0.05)
+
+
+def test_an_https_check_verifies_the_server_unless_told_to_skip(http: httpx.Client) -> None:
+    leaf = TestCA().issue("health")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_cert_chain_from_memory(ctx, leaf.cert_pem, leaf.private_key_pem)
+    endpoint = HealthEndpoint(tls=ctx)
+    try:
+        check = {"HTTP": endpoint.url, "Interval": "100ms", "Status": "passing"}
+        assert http.put("/v1/agent/service/register", json={**NATIVE, "Check": check}).is_success
+        # A certificate no system root signs: the request fails.
+        wait_for(_status_is(http, "critical"))
+        assert "certificate" in _check(http)["Output"].lower()
+        check["TLSSkipVerify"] = True
+        assert http.put("/v1/agent/service/register", json={**NATIVE, "Check": check}).is_success
+        wait_for(_status_is(http, "passing"))
+    finally:
+        endpoint.close()
