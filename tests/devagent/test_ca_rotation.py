@@ -37,6 +37,10 @@ def _key_id(key: Any) -> bytes:
     return hashlib.sha256(der).digest()
 
 
+def _pem(key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+
+
 def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(issuer)
@@ -221,11 +225,7 @@ def test_rsa_roots_sign_ec_leaves_with_rsa_signatures(http: httpx.Client) -> Non
 def test_supplied_private_key_and_root_cert_become_the_active_root(http: httpx.Client) -> None:
     td = http.get(ROOTS).json()["TrustDomain"]
     key = ec.generate_private_key(ec.SECP256R1())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
+    key_pem = _pem(key, serialization.PrivateFormat.TraditionalOpenSSL)
     # A supplied key without a cert: the agent builds the root around that key.
     r = http.put(CONFIG, json={"Provider": "consul", "Config": {"PrivateKey": key_pem}})
     assert r.status_code == 200, r.text
@@ -252,11 +252,7 @@ def test_supplied_private_key_and_root_cert_become_the_active_root(http: httpx.C
         .sign(key2, hashes.SHA256())
     )
     own_pem = own.public_bytes(serialization.Encoding.PEM).decode()
-    key2_pem = key2.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    key2_pem = _pem(key2, serialization.PrivateFormat.PKCS8)
     r = http.put(
         CONFIG,
         json={"Provider": "consul", "Config": {"PrivateKey": key2_pem, "RootCert": own_pem}},
@@ -449,11 +445,7 @@ def test_a_supplied_ca_key_is_not_written_to_the_data_dir_either(
     data = tmp_path / "data"
     first = start_agent(data_dir=str(data))
     key = ec.generate_private_key(ec.SECP256R1())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    key_pem = _pem(key, serialization.PrivateFormat.PKCS8)
     with client_for(first) as http:
         r = http.put(CONFIG, json={"Provider": "consul", "Config": {"PrivateKey": key_pem}})
         assert r.status_code == 200, r.text

@@ -16,16 +16,9 @@ import pytest
 from consul_connect.devagent.probes import Thresholds
 from consul_connect.testing import TestCA
 from consul_connect.tls import load_cert_chain_from_memory
+from tests.integrations import wait_until as wait_for
 
 NATIVE = {"Name": "web", "ID": "web-1", "Port": 8443, "Connect": {"Native": True}}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 class HealthEndpoint:
