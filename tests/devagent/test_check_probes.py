@@ -179,3 +179,26 @@ def test_an_https_check_verifies_the_server_unless_told_to_skip(http: httpx.Clie
         wait_for(_status_is(http, "passing"))
     finally:
         endpoint.close()
+
+
+def test_stopping_the_agent_does_not_wait_for_a_probe_in_flight() -> None:
+    from consul_connect.devagent import DevAgent
+
+    silent = socket.socket()  # accepts connections (backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    silent.settimeout(10)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+    agent = DevAgent().start()
+    try:
+        with httpx.Client(base_url=agent.http_addr, timeout=10) as c:
+            check = {"HTTP": url, "Interval": "10s", "Timeout": "30s"}
+            assert c.put("/v1/agent/service/register", json={**NATIVE, "Check": check}).is_success
+        conn, _ = silent.accept()  # the probe is connected and waits for an answer
+        t0 = time.monotonic()
+        agent.stop()
+        assert time.monotonic() - t0 < 10.0
+        conn.close()
+    finally:
+        agent.stop()
+        silent.close()

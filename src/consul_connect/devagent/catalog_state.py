@@ -1666,18 +1666,24 @@ class CatalogState:
         """Fire TTL expiries and critical-service reaping at their deadlines, forever."""
         self.running = True
         self.arm_all()
-        while True:
-            await self._expire()
-            self._start_probes()
-            pending = [
-                *self.ttl_deadlines.values(),
-                *self.reap_deadlines.values(),
-                *self.probe_deadlines.values(),
-            ]
-            self.wakeup.clear()
-            timeout = max(0.0, min(pending) - _loop_time()) if pending else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), timeout)
+        try:
+            while True:
+                await self._expire()
+                self._start_probes()
+                pending = [
+                    *self.ttl_deadlines.values(),
+                    *self.reap_deadlines.values(),
+                    *self.probe_deadlines.values(),
+                ]
+                self.wakeup.clear()
+                timeout = max(0.0, min(pending) - _loop_time()) if pending else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), timeout)
+        finally:
+            # The agent is stopping: no probe outlives it.
+            for task in list(self.probe_tasks.values()):
+                task.cancel()
+            self.probe_tasks.clear()
 
 
 def _loop_time() -> float:
