@@ -25,6 +25,7 @@ from consul_connect.discovery import (
 )
 from consul_connect.errors import (
     AgentNotFoundError,
+    AgentResponseError,
     AgentUnavailableError,
     ConfigError,
     IdentityError,
@@ -465,6 +466,9 @@ async def test_catalog_resolver_filter_narrows_and_empty_is_an_error(client: Age
         await nothing.resolve()
     with pytest.raises(NoInstancesError):
         await CatalogResolver(client, "no-such-service").resolve()
+    # A filter the agent cannot compile is a clear, non-retryable error.
+    with pytest.raises(AgentResponseError, match="rejected the filter"):
+        await CatalogResolver(client, "db", filter="Service.Nope ==").resolve()
 
 
 async def test_catalog_watch_sees_new_instances(client: AgentClient) -> None:

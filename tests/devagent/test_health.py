@@ -139,7 +139,7 @@ def test_filter_expression_on_entries(mesh: httpx.Client) -> None:
     r = mesh.get("/v1/health/connect/web", params={"filter": 'Checks.Status == "critical"'})
     assert ids(r.json()) == ["web-proxy-1"]
     r = mesh.get("/v1/health/service/web", params={"filter": "Service.Nope == 1"})
-    assert r.status_code == 400
+    assert r.status_code == 500
     assert r.text.startswith("Failed to create boolean expression evaluator")
 
 

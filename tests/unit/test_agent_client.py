@@ -411,6 +411,15 @@ def test_permission_error_for_global_resource_and_unknown_token() -> None:
     assert isinstance(blocked, AgentPermissionError) and "blocked" in str(blocked)
 
 
+def test_a_filter_consul_cannot_compile_is_not_retryable() -> None:
+    body = 'Failed to create boolean expression evaluator: Selector "Nope" is not valid'
+    err = error_for_status("GET", "/v1/health/connect/db", 500, body)
+    assert isinstance(err, AgentResponseError) and not isinstance(err, AgentUnavailableError)
+    assert "rejected the filter" in str(err) and err.status == 500
+    other = error_for_status("GET", "/v1/health/connect/db", 500, "rpc error: leader lost")
+    assert isinstance(other, AgentUnavailableError)
+
+
 async def test_bad_json_is_a_response_error() -> None:
     async with make_client(Recorder(200, text="{not json")) as client:
         with pytest.raises(AgentResponseError) as info:

@@ -11,6 +11,7 @@ agent unreachable, timed out, 5xx         :class:`AgentUnavailableError` (retrya
 404                                       :class:`AgentNotFoundError`
 429                                       :class:`AgentRateLimitedError`
 other 4xx, undecodable or mis-shaped JSON :class:`AgentResponseError`
+a ``filter`` Consul cannot compile (500)  :class:`AgentResponseError` (not retryable)
 =======================================  ==========================================
 """
 
@@ -106,6 +107,9 @@ def _permission_message(body: str) -> str:
     return "permission denied"
 
 
+_BAD_FILTER = "Failed to create boolean expression evaluator"
+
+
 def error_for_status(method: str, path: str, status: int, body: str) -> AgentError:
     """Translate a non-2xx agent answer into the library's error for that status.
 
@@ -122,6 +126,11 @@ def error_for_status(method: str, path: str, status: int, body: str) -> AgentErr
         return AgentNotFoundError(detail, status=status, body=body)
     if status == 429:
         return AgentRateLimitedError(detail, status=status, body=body)
+    if body.startswith(_BAD_FILTER):
+        # Consul answers a filter it cannot compile with a plain 500; retrying cannot help.
+        return AgentResponseError(
+            f"{where}: the agent rejected the filter: {body}", status=status, body=body
+        )
     if status >= 500:
         return AgentUnavailableError(detail, status=status, body=body)
     return AgentResponseError(detail, status=status, body=body)

@@ -1251,11 +1251,15 @@ NODE_SERVICE_SCHEMA: Schema = _NODE_SERVICE_SCHEMA
 
 
 def compile_request_filter(req: Request, schema: Schema) -> Filter:
-    """The request's ``?filter=`` compiled against ``schema`` (400 with Consul's text when bad)."""
+    """The request's ``?filter=`` compiled against ``schema``.
+
+    A bad filter is answered as Consul answers it: 500 with the evaluator's text (the
+    endpoints return the compile error as a plain error).
+    """
     try:
         return compile_filter(req.options.filter, schema)
     except BexprError as exc:
-        raise HTTPError(400, str(exc)) from None
+        raise HTTPError(500, str(exc)) from None
 
 
 def apply_filter(req: Request, schema: Schema, items: list[Any], key: Any = None) -> list[Any]:
