@@ -130,6 +130,7 @@ def test_failures_before_critical_hold_the_status_for_that_many_failures(
         "Interval": "100ms",
         "FailuresBeforeWarning": 1,
         "FailuresBeforeCritical": 3,
+        "SuccessBeforePassing": 2,
     }
     assert http.put("/v1/agent/service/register", json={**NATIVE, "Check": check}).is_success
     wait_for(_status_is(http, "passing"))
@@ -145,6 +146,11 @@ def test_thresholds_follow_consuls_status_handler() -> None:
     assert t.apply("passing", "ok") == ("passing", "ok")  # a success resets the count
     assert t.apply("critical", "c") is None
     assert Thresholds().apply("critical", "x") == ("critical", "x")
+    slow = Thresholds(success_before_passing=2)
+    assert slow.apply("passing", "1") is None
+    assert slow.apply("passing", "2") == ("passing", "2")
+    assert slow.apply("critical", "down") == ("critical", "down")
+    assert slow.apply("passing", "1") is None  # a failure resets the success count
     assert Thresholds().apply("warning", "w") == ("warning", "w")
 
 

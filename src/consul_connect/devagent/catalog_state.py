@@ -228,6 +228,7 @@ class CheckDef:
     output_max_size: int = 0
     failures_before_warning: int = 0
     failures_before_critical: int = 0
+    success_before_passing: int = 0
 
     @property
     def empty(self) -> bool:
@@ -305,6 +306,7 @@ class CheckDef:
             "OutputMaxSize": self.output_max_size,
             "FailuresBeforeWarning": self.failures_before_warning,
             "FailuresBeforeCritical": self.failures_before_critical,
+            "SuccessBeforePassing": self.success_before_passing,
         }
 
 
@@ -364,6 +366,12 @@ def parse_check_def(raw: Any, where: str = "CheckType") -> CheckDef:
             f"{where}.FailuresBeforeCritical",
             "FailuresBeforeCritical",
             "failures_before_critical",
+        ),
+        success_before_passing=_int(
+            raw,
+            f"{where}.SuccessBeforePassing",
+            "SuccessBeforePassing",
+            "success_before_passing",
         ),
     )
 
@@ -1488,7 +1496,9 @@ class CatalogState:
             self.probe_thresholds.pop(ck, None)
             return
         self.probe_thresholds[ck] = probes.Thresholds(
-            int(d.get("FailuresBeforeWarning") or 0), int(d.get("FailuresBeforeCritical") or 0)
+            int(d.get("FailuresBeforeWarning") or 0),
+            int(d.get("FailuresBeforeCritical") or 0),
+            int(d.get("SuccessBeforePassing") or 0),
         )
         self.probe_deadlines[ck] = _loop_time()
         self.wakeup.set()

@@ -4,8 +4,8 @@ An HTTP check passes on a 2xx answer, warns on 429 and is critical otherwise or 
 the request fails; its output is ``HTTP <method> <url>: <status> Output: <body>``
 (the last ``OutputMaxSize`` bytes of the body). A TCP check passes when a connection
 opens (``TCP connect <addr>: Success``). Both time out after ``Timeout`` (10 s when
-unset). :class:`Thresholds` applies ``FailuresBeforeWarning`` /
-``FailuresBeforeCritical`` to the results.
+unset). :class:`Thresholds` applies ``SuccessBeforePassing``, ``FailuresBeforeWarning``
+and ``FailuresBeforeCritical`` to the results.
 """
 
 from __future__ import annotations
@@ -135,16 +135,27 @@ def _http_error(exc: httpx.HTTPError, url: str) -> str:
 class Thresholds:
     """Consul's status handler: how many results in a row change a check's status."""
 
-    def __init__(self, failures_before_warning: int = 0, failures_before_critical: int = 0):
+    def __init__(
+        self,
+        failures_before_warning: int = 0,
+        failures_before_critical: int = 0,
+        success_before_passing: int = 0,
+    ):
         self.before_critical = failures_before_critical
         self.before_warning = failures_before_warning or failures_before_critical
+        self.before_passing = success_before_passing
         self.failures = 0
+        self.successes = 0
 
     def apply(self, status: str, output: str) -> tuple[str, str] | None:
         """The status to record for one result, or None to leave the check as it is."""
         if status in ("passing", "warning"):
             self.failures = 0
-            return status, output
+            self.successes += 1
+            if self.successes >= self.before_passing:
+                return status, output
+            return None
+        self.successes = 0
         self.failures += 1
         if self.failures >= self.before_critical:
             return "critical", output
