@@ -290,6 +290,14 @@ def test_agent_restart_keeps_serving_then_leaf_intentions_and_registration_recov
             timeout=20,
             what="a leaf from the restarted agent",
         )
+        # Roots watch: the restarted agent's CA key never reached the disk, so it serves
+        # a fresh root beside the old one, and both services trust the two.
+        _wait_for(
+            lambda: api.statistics().roots == 2 and web.statistics().roots == 2,
+            timeout=20,
+            what="the old root and the restarted agent's fresh one",
+        )
+        assert _round_trip(web, server.endpoint)
         renewed_from = api.statistics().leaf_serial
         _force_leaf_renewal(agent, "api")
         _wait_for(lambda: api.statistics().leaf_serial != renewed_from, what="a renewed leaf")
