@@ -208,3 +208,20 @@ def test_stopping_the_agent_does_not_wait_for_a_probe_in_flight() -> None:
     finally:
         agent.stop()
         silent.close()
+
+
+def test_an_http_check_that_gets_no_answer_times_out_as_consul_says(http: httpx.Client) -> None:
+    silent = socket.socket()  # accepts connections (backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+    try:
+        check = {"HTTP": url, "Interval": "10s", "Timeout": "200ms", "Status": "passing"}
+        assert http.put("/v1/agent/service/register", json={**NATIVE, "Check": check}).is_success
+        wait_for(_status_is(http, "critical"))
+        assert _check(http)["Output"] == (
+            f'Get "{url}": context deadline exceeded '
+            "(Client.Timeout exceeded while awaiting headers)"
+        )
+    finally:
+        silent.close()

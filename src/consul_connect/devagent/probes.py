@@ -37,12 +37,13 @@ async def probe(definition: Mapping[str, Any]) -> tuple[str, str]:
     timeout = float(definition.get("Timeout") or 0) or DEFAULT_TIMEOUT
     try:
         if definition.get("HTTP"):
-            return await asyncio.wait_for(_http(definition, timeout), timeout)
+            # httpx enforces the timeout; the outer bound only guards a stuck body.
+            return await asyncio.wait_for(_http(definition, timeout), timeout + 1.0)
         return await asyncio.wait_for(_tcp(str(definition["TCP"]), timeout), timeout)
     except TimeoutError:
-        target = definition.get("HTTP") or definition.get("TCP")
-        what = "HTTP request" if definition.get("HTTP") else f"dial tcp {target}"
-        return "critical", f"{what}: i/o timeout (after {timeout:g}s)"
+        if definition.get("HTTP"):
+            return "critical", _http_timeout(definition)
+        return "critical", f"dial tcp {definition.get('TCP')}: i/o timeout"
     except Exception as exc:  # a probe must never take the agent down
         return "critical", f"check failed: {exc}"
 
@@ -86,6 +87,8 @@ async def _http(d: Mapping[str, Any], timeout: float) -> tuple[str, str]:
                 body = b""
                 async for chunk in resp.aiter_bytes():
                     body = (body + chunk)[-limit:]
+        except httpx.TimeoutException:
+            return "critical", _http_timeout(d)
         except httpx.HTTPError as exc:
             return "critical", f'{method.capitalize()} "{url}": {_http_error(exc, url)}'
     status = f"{resp.status_code} {resp.reason_phrase}".strip()
@@ -95,6 +98,14 @@ async def _http(d: Mapping[str, Any], timeout: float) -> tuple[str, str]:
     if resp.status_code == 429:
         return "warning", output
     return "critical", output
+
+
+def _http_timeout(d: Mapping[str, Any]) -> str:
+    method = str(d.get("Method") or "GET").capitalize()
+    return (
+        f'{method} "{d["HTTP"]}": context deadline exceeded '
+        "(Client.Timeout exceeded while awaiting headers)"
+    )
 
 
 @functools.cache
