@@ -1,4 +1,4 @@
-"""One benchmark server process: the same tiny ASGI app on uvicorn (h11), four ways.
+"""One benchmark server process: the same tiny ASGI app on uvicorn, four ways.
 
 ``python bench/scenarios/server.py --kind K --port P [--agent HOST:PORT]``
 
@@ -12,6 +12,9 @@
 ``--no-tickets`` (TLS kinds): the server sends no TLS session tickets, for the
 full-handshake scenarios, as the nginx servers there (``ssl_session_tickets off``):
 ``num_tickets = 0`` on the plain context, ``Service(session_tickets=False)`` for native.
+
+``--http h11|httptools`` (default h11) picks uvicorn's HTTP/1.1 parser, the same for
+every kind: uvicorn's ``http=`` for plain and mtls, ``serve(..., http=...)`` for native.
 
 ``--loop uvloop`` runs the whole process (uvicorn, or ``serve()`` and its ASGI
 protocol) on a uvloop event loop instead of asyncio's default one. ``serve()`` runs on
@@ -71,8 +74,8 @@ _UVICORN: dict[str, Any] = {
 
 
 async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event, *,
-                         tickets: bool = True) -> None:
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", **_UVICORN)
+                         tickets: bool = True, http: str = "h11") -> None:
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, **_UVICORN)
     config.load()
     if pem is not None:
         config.ssl = plain_mtls_context(pem, server=True, tickets=tickets)
@@ -91,7 +94,7 @@ async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event, *,
 
 
 async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Event, *,
-                        tickets: bool = True) -> None:
+                        tickets: bool = True, http: Any = "h11") -> None:
     from consul_connect.agent.config import AgentConfig
     from consul_connect.integrations.asgi import serve
     from consul_connect.service import Service
@@ -100,7 +103,8 @@ async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Ev
     svc = Service("api", agent=AgentConfig.from_address(agent), authorizer=kind,
                   session_tickets=tickets)
     try:
-        server = await serve(app, svc, "127.0.0.1", port, ready_timeout=30, **_UVICORN)
+        server = await serve(app, svc, "127.0.0.1", port, ready_timeout=30, http=http,
+                             **_UVICORN)
         print(f"listening {server.port}", flush=True)
         await stop.wait()
         await server.aclose(5)
@@ -114,13 +118,13 @@ async def _main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.kind == "plain":
-        await _serve_uvicorn(args.port, None, stop)
+        await _serve_uvicorn(args.port, None, stop, http=args.http)
     elif args.kind == "mtls":
         await _serve_uvicorn(args.port, fetch_pem(args.agent, "api"), stop,
-                             tickets=not args.no_tickets)
+                             tickets=not args.no_tickets, http=args.http)
     elif args.kind in ("native-intentions", "native-agent"):
         await _serve_native(args.port, args.agent, args.kind.split("-", 1)[1], stop,
-                            tickets=not args.no_tickets)
+                            tickets=not args.no_tickets, http=args.http)
     else:
         raise SystemExit(f"unknown kind {args.kind}")
 
@@ -142,6 +146,7 @@ def main() -> None:
     parser.add_argument("--profile", default="")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--no-tickets", action="store_true")
+    parser.add_argument("--http", choices=["h11", "httptools"], default="h11")
     args = parser.parse_args()
     if not args.profile:
         _run(args)

@@ -4,6 +4,7 @@ on a dev agent (``web`` calls ``api``, served by uvicorn), and intention helpers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -205,6 +206,13 @@ def decided(service: Service, caller: ServiceIdentity, allowed: bool) -> Callabl
 @pytest.fixture
 async def mesh(agent: DevAgent) -> AsyncIterator[Mesh]:
     """``api`` served by uvicorn (the recording app) and registered; ``web`` as the caller."""
+    async with open_mesh(agent) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def open_mesh(agent: DevAgent, **serve_options: Any) -> AsyncIterator[Mesh]:
+    """The :func:`mesh` fixture's mesh, with ``serve_options`` passed to ``serve()``."""
     cfg = AgentConfig.from_address(agent.address)
     http = httpx.Client(base_url=agent.http_addr, timeout=10)
     api = Service("api", agent=cfg)
@@ -213,7 +221,7 @@ async def mesh(agent: DevAgent) -> AsyncIterator[Mesh]:
     server: ConnectServer | None = None
     try:
         await web.wait_ready_async(10)
-        server = await serve(app, api, ready_timeout=10)
+        server = await serve(app, api, ready_timeout=10, **serve_options)
         register(http, "api", server.port, "api-1")
         yield Mesh(agent, http, api, web, server, app)
     finally:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from consul_connect.devagent import DevAgent
 from consul_connect.identity import ServiceIdentity
 from consul_connect.integrations.asgi import (
     EXTENSION_KEY,
@@ -28,11 +29,18 @@ from tests.integrations import (
     apply_get_only,
     decided,
     deny,
-    mesh,
+    open_mesh,
     wait_until_async,
 )
 
-__all__ = ["mesh"]
+
+@pytest.fixture(params=["h11", "httptools"])
+async def mesh(agent: DevAgent, request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
+    """The shared mesh, its ``api`` served with each of uvicorn's HTTP/1.1 parsers."""
+    if request.param == "httptools":
+        pytest.importorskip("httptools")
+    async with open_mesh(agent, http=request.param) as opened:
+        yield opened
 
 
 async def test_allowed_caller_reaches_app_with_its_identity_in_the_scope(mesh: Mesh) -> None:
@@ -162,6 +170,38 @@ async def test_uvicorn_tls_options_are_refused(mesh: Mesh) -> None:
 
     with pytest.raises(ConfigError, match="ssl_certfile"):
         await serve(RecordingApp(), mesh.api, ssl_certfile="/nope.pem")
+
+
+async def test_an_admitted_caller_sending_bad_http_gets_400_and_the_server_keeps_serving(
+    mesh: Mesh,
+) -> None:
+    reader, writer = await mesh.web.open_connection("api", timeout=10)
+    try:
+        writer.write(b"\x00\x01 NOT HTTP \xff\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 10)
+    finally:
+        writer.transport.abort()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert mesh.app.calls == 0
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        assert (await client.get("https://api.service.consul/after")).status_code == 200
+
+
+async def test_auto_parses_http_with_httptools_when_it_is_installed(mesh: Mesh) -> None:
+    pytest.importorskip("httptools")
+    server = await serve(RecordingApp(), mesh.api, port=0)
+    try:
+        assert server._server.config.http.__name__ == "ConnectHttpToolsProtocol"
+    finally:
+        await server.aclose()
+
+
+async def test_an_unknown_http_parser_is_a_config_error(mesh: Mesh) -> None:
+    from consul_connect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'auto', 'h11' or 'httptools'"):
+        await serve(RecordingApp(), mesh.api, http="h2")  # type: ignore[arg-type]
 
 
 def test_server_context_is_the_services_dynamic_context(mesh: Mesh) -> None:

@@ -32,7 +32,10 @@ matching intention has L7 permissions is then admitted at connection level and j
 per request (Consul's authorize endpoint would refuse such a caller outright, since it
 cannot see requests); with ``enforce_intentions=False`` it is refused at connect.
 
-Limits: HTTP/1.1 (uvicorn's h11 protocol); WebSockets are off (``ws="none"``);
+HTTP/1.1 is parsed by uvicorn's httptools protocol when httptools is installed (as
+uvicorn's own ``http="auto"``; ``pip install 'consul-connect[httptools]'``), else by its
+h11 protocol; ``http="h11"`` or ``http="httptools"`` picks one. Both get the same
+connection check and scope. Limits: no HTTP/2; WebSockets are off (``ws="none"``);
 uvicorn's own TLS handshake timeout (60 s) applies.
 """
 
@@ -44,7 +47,7 @@ import logging
 import posixpath
 import socket
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -60,6 +63,7 @@ from consul_connect.tls import peer_identity
 __all__ = [
     "EXTENSION_KEY",
     "ConnectServer",
+    "HTTPImplementation",
     "IntentionsMiddleware",
     "peer_identity_from_scope",
     "run",
@@ -222,15 +226,39 @@ class IntentionsMiddleware:
 # ------------------------------------------------------------------- connection check
 
 
-def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]:
-    """An h11 protocol class that authorizes each connection for ``service``."""
+HTTPImplementation = Literal["auto", "h11", "httptools"]
+"""Which uvicorn HTTP/1.1 protocol parses requests (``serve(..., http=...)``)."""
 
-    class ConnectH11Protocol(H11Protocol):
+
+def _http_base(http: str) -> type[Any]:
+    """uvicorn's protocol class for ``http``; "auto" prefers httptools when installed."""
+    if http not in ("auto", "h11", "httptools"):
+        raise ConfigError(f"http must be 'auto', 'h11' or 'httptools', not {http!r}")
+    if http != "h11":
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        except ImportError as exc:
+            if http == "httptools":
+                raise ConfigError(
+                    "http='httptools' needs the httptools package "
+                    "(pip install 'consul-connect[httptools]')"
+                ) from exc
+        else:
+            return HttpToolsProtocol
+    return H11Protocol
+
+
+def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[Any]:
+    """A uvicorn HTTP protocol class that authorizes each connection for ``service``."""
+    base = _http_base(http)
+
+    class ConnectProtocol(base):  # type: ignore[misc, valid-type]
+        app: ASGIApp
         _cc_state = "pending"
         _cc_buffer: list[bytes]
         _cc_token: int | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._cc_buffer = []
             ssl_obj = transport.get_extra_info("ssl_object")
@@ -326,7 +354,8 @@ def _protocol_class(service: Service, *, per_request: bool) -> type[H11Protocol]
                 service.untrack_connection(token)
             super().connection_lost(exc)
 
-    return ConnectH11Protocol
+    ConnectProtocol.__name__ = ConnectProtocol.__qualname__ = f"Connect{base.__name__}"
+    return ConnectProtocol
 
 
 # ------------------------------------------------------------------------------ server
@@ -374,6 +403,7 @@ def _config(
     port: int,
     *,
     enforce_intentions: bool,
+    http: str,
     options: dict[str, Any],
 ) -> uvicorn.Config:
     bad = sorted(_RESERVED_OPTIONS.intersection(options))
@@ -389,7 +419,7 @@ def _config(
         app,
         host=host,
         port=port,
-        http=_protocol_class(service, per_request=enforce_intentions),
+        http=_protocol_class(service, per_request=enforce_intentions, http=http),
         **options,
     )
     config.load()
@@ -458,6 +488,7 @@ async def serve(
     *,
     enforce_intentions: bool = True,
     ready_timeout: float = 30.0,
+    http: HTTPImplementation = "auto",
     **uvicorn_options: Any,
 ) -> ConnectServer:
     """Start serving ``app`` as ``service`` on the running loop; return once it listens.
@@ -467,8 +498,10 @@ async def serve(
     ``host:port`` (0 picks a free port: read :attr:`ConnectServer.port`) and runs the
     app's lifespan startup. ``uvicorn_options`` go to ``uvicorn.Config`` (for example
     ``log_level``, ``lifespan``, ``limit_concurrency``, ``timeout_keep_alive``, default
-    15); TLS, protocol and address options are set here and refused. Logging is left
-    as configured unless ``log_config`` is passed.
+    15); TLS, protocol and address options are set here and refused. ``http`` picks
+    the HTTP/1.1 parser: "httptools" (faster; needs the httptools package), "h11", or
+    "auto" (httptools when installed). Logging is left as configured unless
+    ``log_config`` is passed.
 
     Raises :class:`~consul_connect.errors.NotReadyError` when the Service has no
     certificate in time, :class:`~consul_connect.errors.ConfigError` for reserved
@@ -483,7 +516,13 @@ async def serve(
     options = dict(uvicorn_options)
     options.setdefault("log_config", None)
     config = _config(
-        app, service, host, port, enforce_intentions=enforce_intentions, options=options
+        app,
+        service,
+        host,
+        port,
+        enforce_intentions=enforce_intentions,
+        http=http,
+        options=options,
     )
     sock = _listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -526,6 +565,7 @@ def run(
     *,
     enforce_intentions: bool = True,
     ready_timeout: float = 30.0,
+    http: HTTPImplementation = "auto",
     **uvicorn_options: Any,
 ) -> None:
     """Serve ``app`` as ``service`` until SIGINT/SIGTERM (blocking; uvicorn's own loop).
@@ -540,6 +580,7 @@ def run(
         host,
         port,
         enforce_intentions=enforce_intentions,
+        http=http,
         options=dict(uvicorn_options),
     )
     sock = _listen(host, port)
