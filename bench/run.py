@@ -118,7 +118,8 @@ class Bench:
     def server(self, kind: str, *extra: str) -> tuple[Proc, int]:
         port = free_port()
         proc = Proc(python_script("server.py", "--kind", kind, "--port", str(port),
-                                  "--agent", self.addr, *extra), name=kind)
+                                  "--agent", self.addr, "--http", self.args.http, *extra),
+                    name=kind)
         self.procs.append(proc)
         return proc, port
 
@@ -652,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the uvloop scenarios even if uvloop is installed")
     parser.add_argument("--no-twohost", action="store_true",
                         help="skip the two-host view (server pinned to CPU 0, C client on CPU 1)")
+    parser.add_argument("--http", choices=["h11", "httptools"], default="h11",
+                        help="uvicorn's HTTP/1.1 parser in every Python server (plaintext, "
+                             "plain mTLS, native, the sidecars' backend)")
     parser.add_argument("--reading", default="", help="a file whose text goes under 'Reading'")
     parser.add_argument("--only-rotation", action="store_true",
                         help="re-measure only the rotation into an existing results.json")
@@ -729,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
             old.unlink()
         try:
             spied = subprocess.run(
-                [sys.executable, str(BENCH_DIR / "where.py"), "--out", str(out)],
+                [sys.executable, str(BENCH_DIR / "where.py"), "--out", str(out),
+                 "--http", args.http],
                 capture_output=True, timeout=240, check=False)
             if spied.returncode != 0:
                 raise RuntimeError(spied.stderr.decode()[-800:])

@@ -97,6 +97,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", default=str(BENCH_DIR / "results"))
+    parser.add_argument("--http", choices=["h11", "httptools"], default="h11")
     args = parser.parse_args()
     spy = shutil.which("py-spy")
     exe = cgen.build()
@@ -117,7 +118,8 @@ def main() -> int:
         keys = cgen.KeyFds(fetch_pem(addr, "web"))
         port = free_port()
         server = Proc(python_script("server.py", "--kind", "native-intentions", "--port",
-                                    str(port), "--agent", addr, "--no-tickets"), name="api")
+                                    str(port), "--agent", addr, "--no-tickets",
+                                    "--http", args.http), name="api")
         wait_port(port, 60, server.popen)
         for tid in os.listdir(f"/proc/{server.pid}/task"):
             os.sched_setaffinity(int(tid), {0})
