@@ -248,7 +248,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# consul-connect benchmark results",
         "",
         f"Run: {res['started']} (UTC), {res['elapsed_s']:.0f} s, command "
-        f"`python bench/run.py{' --smoke' if cfg['smoke'] else ''}`.",
+        f"`python bench/run.py{' --smoke' if cfg['smoke'] else ''}"
+        f"{' --http ' + cfg['http'] if cfg.get('http', 'h11') != 'h11' else ''}`.",
         "",
         f"Machine: {mach['cpus']} vCPU {mach['cpu_model']}, {mach['memory_gib']} GiB RAM, "
         f"{mach['os']}; Python {mach['python']}, {mach['openssl']}; {mach['nginx']}. "

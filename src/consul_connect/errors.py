@@ -10,7 +10,8 @@
     │   ├── AgentUnavailableError (ConnectionError)   unreachable, timed out, 5xx
     │   ├── AgentResponseError              an answer we cannot use (bad JSON, 4xx)
     │   │   ├── AgentNotFoundError          404
-    │   │   └── AgentRateLimitedError       429
+    │   │   ├── AgentRateLimitedError       429
+    │   │   └── AgentRequestError           the request can never succeed (a bad filter)
     │   └── AgentPermissionError (PermissionError)    403: the token lacks a right
     ├── NotReadyError (TimeoutError)        a Service did not become ready in time
     ├── PeerRejected                        *we* refused a peer (wrong identity, denied)
@@ -29,6 +30,7 @@ __all__ = [
     "AgentNotFoundError",
     "AgentPermissionError",
     "AgentRateLimitedError",
+    "AgentRequestError",
     "AgentResponseError",
     "AgentUnavailableError",
     "CertificateError",
@@ -86,6 +88,14 @@ class AgentNotFoundError(AgentResponseError):
 
 class AgentRateLimitedError(AgentResponseError):
     """The agent answered 429 (for example CSR signing rate limit)."""
+
+
+class AgentRequestError(AgentResponseError):
+    """The agent refused the request itself, so repeating it cannot succeed.
+
+    Raised for a ``filter`` expression the agent cannot compile (Consul answers it with
+    a 500). Watches stop on it instead of retrying.
+    """
 
 
 class AgentPermissionError(AgentError, PermissionError):

@@ -25,7 +25,7 @@ from consul_connect.discovery import (
 )
 from consul_connect.errors import (
     AgentNotFoundError,
-    AgentResponseError,
+    AgentRequestError,
     AgentUnavailableError,
     ConfigError,
     IdentityError,
@@ -467,8 +467,27 @@ async def test_catalog_resolver_filter_narrows_and_empty_is_an_error(client: Age
     with pytest.raises(NoInstancesError):
         await CatalogResolver(client, "no-such-service").resolve()
     # A filter the agent cannot compile is a clear, non-retryable error.
-    with pytest.raises(AgentResponseError, match="rejected the filter"):
+    with pytest.raises(AgentRequestError, match="rejected the filter"):
         await CatalogResolver(client, "db", filter="Service.Nope ==").resolve()
+
+
+async def test_a_watch_with_a_filter_the_agent_cannot_compile_stops_instead_of_retrying(
+    client: AgentClient,
+) -> None:
+    await register_db_fleet(client)
+    errors: list[BaseException] = []
+    r = CatalogResolver(client, "db", filter="Service.Nope ==", on_error=errors.append)
+    await r.start()
+    try:
+        deadline = time.monotonic() + 5
+        while r.watching:
+            assert time.monotonic() < deadline, "the watch kept retrying a bad filter"
+            await asyncio.sleep(0.01)
+        assert len(errors) == 1 and isinstance(errors[0], AgentRequestError)
+        with pytest.raises(AgentRequestError, match="rejected the filter"):
+            await r.resolve()
+    finally:
+        await r.aclose()
 
 
 async def test_catalog_watch_sees_new_instances(client: AgentClient) -> None:

@@ -19,6 +19,7 @@ from consul_connect.errors import (
     AgentNotFoundError,
     AgentPermissionError,
     AgentRateLimitedError,
+    AgentRequestError,
     AgentResponseError,
     AgentUnavailableError,
     ConfigError,
@@ -414,7 +415,8 @@ def test_permission_error_for_global_resource_and_unknown_token() -> None:
 def test_a_filter_consul_cannot_compile_is_not_retryable() -> None:
     body = 'Failed to create boolean expression evaluator: Selector "Nope" is not valid'
     err = error_for_status("GET", "/v1/health/connect/db", 500, body)
-    assert isinstance(err, AgentResponseError) and not isinstance(err, AgentUnavailableError)
+    assert isinstance(err, AgentRequestError) and not isinstance(err, AgentUnavailableError)
+    assert isinstance(err, AgentResponseError)
     assert "rejected the filter" in str(err) and err.status == 500
     other = error_for_status("GET", "/v1/health/connect/db", 500, "rpc error: leader lost")
     assert isinstance(other, AgentUnavailableError)

@@ -22,6 +22,7 @@ from consul_connect.agent.client import QueryMeta
 from consul_connect.agent.watch import watch, watch_hash
 from consul_connect.errors import (
     AgentPermissionError,
+    AgentRequestError,
     AgentResponseError,
     AgentUnavailableError,
 )
@@ -335,6 +336,21 @@ async def test_watch_raises_permission_error_instead_of_retrying() -> None:
     with pytest.raises(AgentPermissionError):
         await anext(it)
     assert len(calls) == 2
+
+
+async def test_watch_stops_on_a_request_the_agent_can_never_accept() -> None:
+    clock = FakeClock()
+    errors: list[BaseException] = []
+    bad = AgentRequestError("the agent rejected the filter", status=500)
+    fetch, calls = scripted([("a", QueryMeta(index=5)), bad, ("b", QueryMeta(index=6))])
+    it = watch(fetch, sleep=clock.sleep, clock=clock.time, on_error=errors.append)
+    assert await anext(it) == "a"
+    with pytest.raises(AgentRequestError):
+        await anext(it)
+    assert len(calls) == 2 and errors == [] and clock.sleeps == []
+    hashed, _ = scripted([bad])
+    with pytest.raises(AgentRequestError):
+        await take(watch_hash(hashed, sleep=clock.sleep, clock=clock.time), 1)
 
 
 async def test_watch_treats_missing_index_as_error() -> None:

@@ -6,7 +6,7 @@ import consul_connect
 
 EXPECTED = {
     "AgentAuthorizer", "AgentConfig", "AgentError", "AgentNotFoundError",
-    "AgentPermissionError", "AgentRateLimitedError", "AgentResponseError",
+    "AgentPermissionError", "AgentRateLimitedError", "AgentRequestError", "AgentResponseError",
     "AgentUnavailableError", "AllowAnyServiceInsecure", "AllowIdentities", "AllowTrustDomain",
     "Authorizer", "CARoot", "CatalogResolver", "CertificateError", "ConfigError",
     "ConnectListener", "ConsulConnectError", "Decision", "DevAgent", "DialError", "Endpoint",

@@ -35,6 +35,7 @@ from consul_connect.errors import (
     AgentNotFoundError,
     AgentPermissionError,
     AgentRateLimitedError,
+    AgentRequestError,
     AgentResponseError,
     AgentUnavailableError,
     ConfigError,
@@ -128,7 +129,7 @@ def error_for_status(method: str, path: str, status: int, body: str) -> AgentErr
         return AgentRateLimitedError(detail, status=status, body=body)
     if body.startswith(_BAD_FILTER):
         # Consul answers a filter it cannot compile with a plain 500; retrying cannot help.
-        return AgentResponseError(
+        return AgentRequestError(
             f"{where}: the agent rejected the filter: {body}", status=status, body=body
         )
     if status >= 500:

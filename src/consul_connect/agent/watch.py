@@ -20,7 +20,12 @@ from typing import TypeVar
 
 from consul_connect.agent.blocking import Backoff, BlockingState, HashBlockingState, RateLimiter
 from consul_connect.agent.client import QueryMeta
-from consul_connect.errors import AgentPermissionError, AgentResponseError, ConsulConnectError
+from consul_connect.errors import (
+    AgentPermissionError,
+    AgentRequestError,
+    AgentResponseError,
+    ConsulConnectError,
+)
 
 __all__ = ["watch", "watch_hash"]
 
@@ -63,8 +68,9 @@ async def watch(
     Failures (:class:`~consul_connect.errors.ConsulConnectError`, e.g. agent down, 5xx,
     404, a response without ``X-Consul-Index``) are passed to ``on_error`` (logged when
     it is None) and retried after an exponential, jittered, capped back-off; the retry
-    is a non-blocking read. :class:`~consul_connect.errors.AgentPermissionError` is not
-    retried: it is raised to the consumer and ends the iteration, as does any
+    is a non-blocking read. :class:`~consul_connect.errors.AgentPermissionError` and
+    :class:`~consul_connect.errors.AgentRequestError` (a filter the agent cannot compile)
+    are not retried: they are raised to the consumer and end the iteration, as does any
     exception outside the library's tree (a bug in ``fetch``). Cancellation propagates.
     """
     state = BlockingState(backoff=backoff, limiter=limiter)
@@ -74,7 +80,7 @@ async def watch(
             await sleep(delay)
         try:
             value, meta = await fetch(state.index, wait)
-        except AgentPermissionError:
+        except (AgentPermissionError, AgentRequestError):
             raise
         except ConsulConnectError as exc:
             _report(on_error, exc)
@@ -115,7 +121,7 @@ async def watch_hash(
             await sleep(delay)
         try:
             value, meta = await fetch(state.hash, wait)
-        except AgentPermissionError:
+        except (AgentPermissionError, AgentRequestError):
             raise
         except ConsulConnectError as exc:
             _report(on_error, exc)

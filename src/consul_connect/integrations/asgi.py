@@ -404,7 +404,7 @@ def _config(
     *,
     enforce_intentions: bool,
     http: str,
-    options: dict[str, Any],
+    **options: Any,
 ) -> uvicorn.Config:
     bad = sorted(_RESERVED_OPTIONS.intersection(options))
     if bad:
@@ -516,13 +516,7 @@ async def serve(
     options = dict(uvicorn_options)
     options.setdefault("log_config", None)
     config = _config(
-        app,
-        service,
-        host,
-        port,
-        enforce_intentions=enforce_intentions,
-        http=http,
-        options=options,
+        app, service, host, port, enforce_intentions=enforce_intentions, http=http, **options
     )
     sock = _listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -581,7 +575,7 @@ def run(
         port,
         enforce_intentions=enforce_intentions,
         http=http,
-        options=dict(uvicorn_options),
+        **uvicorn_options,
     )
     sock = _listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
