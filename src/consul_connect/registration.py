@@ -6,6 +6,8 @@ port; a TTL check heartbeated from inside the process is the reliable alternativ
 every ``ttl/3`` seconds while the process is healthy (``warning`` with a note when the
 ``healthy`` callback says otherwise, e.g. a leaf close to expiry), re-registers when the agent
 has forgotten the service (agent restart, manual deregistration), and deregisters on close.
+An instance an operator put into maintenance mode stays in it when it registers again
+(deregistering, as ``aclose`` does, ends maintenance mode, as in Consul).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 Health = Callable[[], tuple[bool, str]]
 ErrorHook = Callable[[BaseException], None]
 T = TypeVar("T")
+
+MAINTENANCE_PREFIX = "_service_maintenance:"
+"""Consul's check ID prefix for an instance in maintenance mode (the service ID follows)."""
 
 
 def _always_healthy() -> tuple[bool, str]:
@@ -140,12 +145,32 @@ class Registration:
         async with asyncio.timeout(self.timeout):
             return await call
 
+    async def _in_maintenance(self) -> bool:
+        """Whether an operator put this instance into maintenance mode (best effort)."""
+        try:
+            checks, _ = await self._bounded(
+                self.client.agent_checks(
+                    filter=f'CheckID == "{MAINTENANCE_PREFIX}{self.service_id}"'
+                )
+            )
+        except (AgentError, TimeoutError) as exc:
+            logger.debug("cannot read %r's maintenance mode: %s", self.service_id, exc)
+            return False
+        return bool(checks)
+
     async def _register(self) -> None:
         ok, note = self._health()
         # Not ready at registration: critical keeps clients away until the first pass.
         status = "passing" if ok else "critical"
+        # Replacing the checks drops those of an older definition, but would also end an
+        # operator's maintenance mode: a restarted instance must stay out of queries.
+        keep = await self._in_maintenance()
+        if keep:
+            logger.info(
+                "%r is in maintenance mode; registering without replacing checks", self.service_id
+            )
         await self._bounded(
-            self.client.register_service(self.definition(status), replace_existing_checks=True)
+            self.client.register_service(self.definition(status), replace_existing_checks=not keep)
         )
         if note:
             # The definition cannot carry check output; an update can.

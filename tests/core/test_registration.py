@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
+import httpx
 import pytest
 
 from consul_connect.agent.client import AgentClient
@@ -58,6 +59,9 @@ class FakeAgent:
         self.services[definition["ID"]] = dict(definition)
         check = definition["Check"]
         self.checks[check["CheckID"]] = (check["Status"], "")
+
+    async def agent_checks(self, *, filter: str | None = None) -> tuple[dict[str, Any], None]:
+        return {}, None
 
     async def update_ttl_check(self, check_id: str, status: str, output: str = "") -> None:
         self.log.append(("update", check_id, status, output))
@@ -288,6 +292,46 @@ async def test_registers_again_after_the_agent_forgets(agent: DevAgent) -> None:
             assert check is not None and check["Status"] == "passing"
         finally:
             await reg.aclose()
+
+
+async def test_a_new_registration_replaces_stale_checks_but_keeps_maintenance_mode(
+    agent: DevAgent,
+) -> None:
+    async with (
+        AgentClient(AgentConfig.from_address(agent.address), timeout=5) as client,
+        httpx.AsyncClient(base_url=agent.http_addr, timeout=5) as http,
+    ):
+        crashed = Registration(client, name="web", port=8443, ttl=5)
+        await crashed.start()
+        stale = {"Name": "old probe", "CheckID": "old", "ServiceID": "web-8443", "TTL": "5s"}
+        assert (await http.put("/v1/agent/check/register", json=stale)).is_success
+        await client.service_maintenance("web-8443", True, "investigating")
+        # The process dies without deregistering; its successor registers the same instance.
+        crashed._task.cancel()  # type: ignore[union-attr]
+        successor = Registration(client, name="web", port=8443, ttl=5)
+        await successor.start()
+        try:
+            local, _ = await client.agent_checks()
+            assert local["_service_maintenance:web-8443"]["Notes"] == "investigating"
+            assert local["service:web-8443"]["Status"] == "passing"
+            entries, _ = await client.health_connect("web", passing=True, stale=False)
+            assert entries == []
+            # Out of maintenance, a registration replaces the checks it does not define.
+            await client.service_maintenance("web-8443", False)
+            await Registration(client, name="web", port=8443, ttl=5)._register()
+            local, _ = await client.agent_checks()
+            assert sorted(local) == ["service:web-8443"]
+            entries, _ = await client.health_connect("web", passing=True, stale=False)
+            assert [e["Service"]["ID"] for e in entries] == ["web-8443"]
+            # The node-wide switch, and an unknown instance.
+            await client.node_maintenance(True, "kernel upgrade")
+            local, _ = await client.agent_checks(filter='Type == "maintenance"')
+            assert [c["Notes"] for c in local.values()] == ["kernel upgrade"]
+            await client.node_maintenance(False)
+            with pytest.raises(AgentNotFoundError, match="Unknown service ID"):
+                await client.service_maintenance("nope", True)
+        finally:
+            await successor.aclose()
 
 
 async def test_registers_again_on_a_restarted_agent(

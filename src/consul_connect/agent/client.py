@@ -635,6 +635,36 @@ class AgentClient:
             "GET", f"/v1/agent/service/{self._seg(service_id)}", params, timeout=timeout
         )
 
+    async def agent_checks(self, *, filter: str | None = None) -> tuple[JSONObject, QueryMeta]:
+        """``GET /v1/agent/checks``: the agent's local checks by check ID (``filter`` narrows)."""
+        extra: Params = [("filter", filter)] if filter else []
+        return await self._send("GET", "/v1/agent/checks", self._params(extra))
+
+    async def service_maintenance(self, service_id: str, enable: bool, reason: str = "") -> None:
+        """``PUT /v1/agent/service/maintenance/<id>``: take an instance out of (or back into)
+        queries with a critical ``_service_maintenance:<id>`` check.
+
+        ``reason`` becomes the check's notes. Raises :class:`AgentNotFoundError` for an
+        unknown service id and :class:`AgentPermissionError` without ``service:write``.
+        """
+        extra: Params = [("enable", "true" if enable else "false")]
+        if enable and reason:
+            extra.append(("reason", reason))
+        await self._send(
+            "PUT",
+            f"/v1/agent/service/maintenance/{self._seg(service_id)}",
+            self._params(extra),
+            expect="none",
+        )
+
+    async def node_maintenance(self, enable: bool, reason: str = "") -> None:
+        """``PUT /v1/agent/maintenance``: the same for every service on the agent's node
+        (needs ``node:write``)."""
+        extra: Params = [("enable", "true" if enable else "false")]
+        if enable and reason:
+            extra.append(("reason", reason))
+        await self._send("PUT", "/v1/agent/maintenance", self._params(extra), expect="none")
+
     async def update_ttl_check(self, check_id: str, status: str, output: str = "") -> None:
         """``PUT /v1/agent/check/update/<id>`` with ``{"Status", "Output"}``.
 

@@ -109,9 +109,56 @@ def _api_check(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SERVICE_MAINT_PREFIX = "_service_maintenance:"
+NODE_MAINT_ID = "_node_maintenance"
+_DEFAULT_REASON = (
+    "Maintenance mode is enabled for this {}, but no reason was provided. "
+    "This is a default message."
+)
+_GO_BOOL = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
+
+
+def _enable_param(req: Request) -> bool:
+    """The ``enable`` query parameter of a maintenance request, as Go's ParseBool reads it."""
+    if not req.has("enable"):
+        raise HTTPError(400, "Missing value for enable")
+    raw = req.param("enable")
+    if raw not in _GO_BOOL:
+        raise HTTPError(400, f'Invalid value for enable: "{raw}"')
+    return _GO_BOOL[raw]
+
+
+def _maintenance_check(node: str, service: dict[str, Any] | None, reason: str) -> dict[str, Any]:
+    """The critical check that keeps a service (or, without one, the node) out of queries."""
+    return {
+        "Node": node,
+        "CheckID": SERVICE_MAINT_PREFIX + service["ID"] if service else NODE_MAINT_ID,
+        "Name": "Service Maintenance Mode" if service else "Node Maintenance Mode",
+        "Status": "critical",
+        "Notes": reason or _DEFAULT_REASON.format("service" if service else "node"),
+        "Output": "",
+        "ServiceID": service["ID"] if service else "",
+        "ServiceName": service["Service"] if service else "",
+        "ServiceTags": list(service["Tags"]) if service else [],
+        "Type": "maintenance",
+        "Interval": "",
+        "Timeout": "",
+        "ExposedPort": 0,
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+        "_ttl": 0.0,
+        "_deregister_after": 0.0,
+        "_critical_since": None,
+        "_def": {},
+    }
+
+
 def _aggregated(checks: list[dict[str, Any]]) -> str:
     statuses = {c["Status"] for c in checks}
-    if any(c["CheckID"].startswith(("_service_maintenance:", "_node_maintenance")) for c in checks):
+    if any(c["CheckID"].startswith((SERVICE_MAINT_PREFIX, NODE_MAINT_ID)) for c in checks):
         return "maintenance"
     for s in ("critical", "warning"):
         if s in statuses:
@@ -194,10 +241,8 @@ def register(router: Router, ctx: AgentContext) -> None:
             st.commit()
         return _empty()
 
-    @router.route("/v1/agent/service/deregister/", "PUT")
-    async def service_deregister(req: Request) -> Response:
-        sid = req.suffix
-        req.reject_enterprise_tenancy()
+    def vet_service_update(req: Request, sid: str) -> dict[str, Any]:
+        """The local service ``sid``, once the token may write it (Consul's 404 and 403)."""
         authz = req.authz
         svc = st.service(sid)
         if svc is None:
@@ -207,8 +252,44 @@ def register(router: Router, ctx: AgentContext) -> None:
                 "Ensure that the service ID is passed, not the service name.",
             )
         authz.require("service", "write", svc["Service"])
+        return svc
+
+    @router.route("/v1/agent/service/deregister/", "PUT")
+    async def service_deregister(req: Request) -> Response:
+        sid = req.suffix
+        req.reject_enterprise_tenancy()
+        vet_service_update(req, sid)
         st.delete_service(ctx.store.next_index(), node, sid)
         st.commit()
+        return _empty()
+
+    def set_maintenance(enable: bool, rec: dict[str, Any]) -> None:
+        ck = key(node, rec["CheckID"])
+        present = ck in st.checks
+        if enable and not present:
+            st.put_check(ctx.store.next_index(), rec)
+        elif not enable and present:
+            st.delete_check(ctx.store.next_index(), ck)
+        else:
+            return  # already in the asked-for mode: nothing changes, no index moves
+        st.commit()
+
+    @router.route("/v1/agent/service/maintenance/", "PUT")
+    async def service_maintenance(req: Request) -> Response:
+        sid = req.suffix
+        req.reject_enterprise_tenancy()
+        if not sid:
+            raise HTTPError(400, "Missing service ID")
+        enable = _enable_param(req)
+        svc = vet_service_update(req, sid)
+        set_maintenance(enable, _maintenance_check(node, svc, req.param("reason")))
+        return _empty()
+
+    @router.route("/v1/agent/maintenance", "PUT")
+    async def node_maintenance(req: Request) -> Response:
+        enable = _enable_param(req)
+        req.authz.require("node", "write", node)
+        set_maintenance(enable, _maintenance_check(node, None, req.param("reason")))
         return _empty()
 
     @router.route("/v1/agent/services", "GET")
