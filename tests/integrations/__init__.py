@@ -40,7 +40,9 @@ __all__ = [
 class RecordingApp:
     """An ASGI app that answers with the caller's SPIFFE ID and records every scope.
 
-    A request to ``/stall`` waits until :attr:`release` is set (for timeout tests).
+    A request to ``/stall`` waits until :attr:`release` is set (for timeout tests);
+    ``/stream`` answers ``chunk0`` to ``chunk4`` (one line each, a loop step apart) and
+    ``/big`` 1 MiB of ``x`` in one body.
     """
 
     scopes: list[dict[str, Any]] = field(default_factory=list)
@@ -58,6 +60,17 @@ class RecordingApp:
         self.scopes.append(dict(scope))
         if scope["path"] == "/stall":
             await self.release.wait()
+        if scope["path"] in ("/stream", "/big"):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            if scope["path"] == "/big":
+                await send({"type": "http.response.body", "body": b"x" * (1 << 20)})
+                return
+            for i in range(5):
+                await send({"type": "http.response.body", "body": b"chunk%d\n" % i,
+                            "more_body": True})
+                await asyncio.sleep(0)
+            await send({"type": "http.response.body", "body": b""})
+            return
         identity = peer_identity_from_scope(scope)
         body = json.dumps(
             {

@@ -188,6 +188,33 @@ async def test_an_admitted_caller_sending_bad_http_gets_400_and_the_server_keeps
         assert (await client.get("https://api.service.consul/after")).status_code == 200
 
 
+async def test_streamed_and_large_bodies_arrive_whole_and_in_order(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        streamed = await client.get("https://api.service.consul/stream")
+        big = await client.get("https://api.service.consul/big")
+        small = await client.get("https://api.service.consul/small")
+    assert streamed.text == "".join(f"chunk{i}\n" for i in range(5))
+    assert streamed.headers["transfer-encoding"] == "chunked"
+    assert big.content == b"x" * (1 << 20)
+    assert small.json()["path"] == "/small"
+
+
+async def test_a_response_before_connection_close_is_delivered_whole(mesh: Mesh) -> None:
+    reader, writer = await mesh.web.open_connection("api", timeout=10)
+    try:
+        writer.write(b"GET /last HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+    finally:
+        writer.transport.abort()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
+    # Chunked (the app sets no length): the last chunk arrives before the close.
+    size, _, rest = body.partition(b"\r\n")
+    assert json.loads(rest[: int(size, 16)])["path"] == "/last"
+    assert rest[int(size, 16) :] == b"\r\n0\r\n\r\n"
+
+
 async def test_auto_parses_http_with_httptools_when_it_is_installed(mesh: Mesh) -> None:
     pytest.importorskip("httptools")
     server = await serve(RecordingApp(), mesh.api, port=0)
