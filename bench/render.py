@@ -21,7 +21,7 @@ DASH = "\u2013"
 # Python server and the load generator (asyncio's default, or uvloop) and whether TLS
 # clients resume sessions ("+resume").
 DESCRIPTIONS = {
-    "plain": "plaintext HTTP, Python client -> uvicorn (h11) serving the app (upper bound)",
+    "plain": "plaintext HTTP, Python client -> uvicorn serving the app (upper bound)",
     "mtls": "plain mTLS in Python: same server with an SSLContext, CA check only, no authz; "
     "sends no session tickets (num_tickets = 0)",
     "native-intentions": "consul-connect ASGI serve(), intention authorizer (complete), "

@@ -40,6 +40,7 @@ KINDS = {
     "asyncio SSL protocol and below": "asyncio/sslproto.py",
     "uvicorn (HTTP protocol, app cycle)": "uvicorn/",
     "h11 (HTTP parsing and writing)": "h11/",
+    "httptools (HTTP parsing)": "httptools/",
     "the ASGI app task (run_asgi)": "run_asgi",
     "accepting sockets": "_accept_connection",
     "connection_lost / close": "connection_lost",
