@@ -211,7 +211,8 @@ class CatalogResolver:
     """Healthy Connect-capable instances of ``service`` from the agent's health API.
 
     Each :meth:`resolve` queries ``/v1/health/connect/<service>`` (``passing`` unless
-    ``passing=False``, stale reads allowed, ``filter`` as a bexpr, ``datacenter``), unless
+    ``passing=False``, stale reads allowed, ``filter`` as a bexpr, ``tags`` that every
+    instance must carry, matched without regard to case as Consul does, ``datacenter``), unless
     :meth:`start` was called: then a blocking watch keeps the answer in memory,
     :meth:`resolve` serves it without an agent call (the last answer stays in use while the
     agent is away) and falls back to one query only before the first answer.
@@ -232,6 +233,7 @@ class CatalogResolver:
         namespace: str | None = None,
         partition: str | None = None,
         filter: str | None = None,
+        tags: Sequence[str] = (),
         passing: bool = True,
         trust_domain: TrustDomain = "",
         rng: random.Random | None = None,
@@ -240,12 +242,15 @@ class CatalogResolver:
     ) -> None:
         if not service:
             raise ConfigError("CatalogResolver needs a service name")
+        if isinstance(tags, str):
+            raise ConfigError("CatalogResolver tags must be a sequence of tags, not a string")
         self.client = client
         self.service = service
         self.datacenter = datacenter
         self.namespace = namespace or client.config.namespace or ""
         self.partition = partition or client.config.partition or ""
         self.filter = filter
+        self.tags = tuple(tags)
         self.passing = passing
         self._trust_domain = trust_domain
         self._rng = rng or random.Random()
@@ -271,6 +276,7 @@ class CatalogResolver:
             passing=self.passing,
             dc=self.datacenter,
             filter=self.filter,
+            tags=self.tags,
             index=index,
             wait=wait,
             stale=True,
@@ -333,8 +339,9 @@ class CatalogResolver:
         if not eps:
             where = f" in datacenter {self.datacenter}" if self.datacenter else ""
             matching = f" matching filter {self.filter!r}" if self.filter else ""
+            tagged = f" tagged {', '.join(self.tags)}" if self.tags else ""
             raise NoInstancesError(
-                f"no healthy Connect-capable instance of {self.service!r}{where}{matching}"
+                f"no healthy Connect-capable instance of {self.service!r}{tagged}{where}{matching}"
             )
         return eps
 
@@ -467,13 +474,15 @@ def resolver_for_name(
     Accepted (case-insensitive; a port and a trailing dot are ignored):
 
     * ``<svc>.service.consul``, ``<svc>.service.<dc>.consul`` -> :class:`CatalogResolver`
+    * ``<tag>.<svc>.service[.<dc>].consul`` and RFC 2782's ``_<svc>._<tag>.service[.<dc>].consul``
+      -> :class:`CatalogResolver` for instances carrying ``tag`` (``_tcp`` means no tag)
     * ``<svc>.connect.consul``, ``<svc>.connect.<dc>.consul`` -> :class:`CatalogResolver`
     * ``<query>.query.consul``, ``<query>.query.<dc>.consul`` -> :class:`PreparedQueryResolver`
     * a bare service name (one label, e.g. ``web``) -> :class:`CatalogResolver`
 
     Raises :class:`~consul_connect.errors.ConfigError` for anything else: another domain
-    (the TLD must be literally ``.consul``), an IP address, a tag prefix
-    (``v1.web.service.consul``: tag filters are not supported), or an unknown form.
+    (the TLD must be literally ``.consul``), an IP address, a tag on a ``.connect`` or
+    ``.query`` name (Consul DNS takes tags only on ``.service``), or an unknown form.
     """
     host = _strip_port(name.strip()).rstrip(".").lower()
     if not host:
@@ -495,9 +504,20 @@ def resolver_for_name(
             "(<service>.service[.<dc>].consul or <query>.query[.<dc>].consul)"
         )
     if len(labels) in (4, 5) and labels[2] in _TYPES and labels[1] not in _TYPES:
-        raise ConfigError(
-            f"unsupported Consul DNS name {name!r}: tag filters "
-            "(<tag>.<service>.service.consul) are not supported"
+        if labels[2] != "service":
+            raise ConfigError(
+                f"unsupported Consul DNS name {name!r}: a tag filter is only accepted on "
+                "<tag>.<service>.service[.<dc>].consul"
+            )
+        tag, svc = labels[0], labels[1]
+        if tag.startswith("_") and svc.startswith("_"):  # RFC 2782: _<service>._<tag>
+            svc, tag = tag[1:], svc[1:]
+            tag = "" if tag == "tcp" else tag
+        if not svc or svc.startswith("_") or tag.startswith("_"):
+            raise ConfigError(f"invalid Consul DNS name {name!r}")
+        dc = labels[3] if len(labels) == 5 else None
+        return CatalogResolver(
+            client, svc, datacenter=dc, tags=(tag,) if tag else (), trust_domain=trust_domain
         )
     if len(labels) not in (3, 4) or labels[1] not in _TYPES:
         raise ConfigError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
 import httpx
@@ -110,17 +110,19 @@ class FakeAgent:
         wait: float | None = None,
         stale: bool = True,
         near: str | None = None,
+        tags: Sequence[str] = (),
     ) -> tuple[list[dict[str, Any]], QueryMeta]:
-        self.calls.append(
-            {
-                "service": service,
-                "passing": passing,
-                "dc": dc,
-                "filter": filter,
-                "index": index,
-                "stale": stale,
-            }
-        )
+        call: dict[str, Any] = {
+            "service": service,
+            "passing": passing,
+            "dc": dc,
+            "filter": filter,
+            "index": index,
+            "stale": stale,
+        }
+        if tags:
+            call["tags"] = list(tags)
+        self.calls.append(call)
         if self.error is not None:
             raise self.error
         if index >= self.index:
@@ -341,6 +343,24 @@ async def test_prepared_query_resolver_maps_nodes() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "target", "tags", "dc"),
+    [
+        ("v1.foo.service.consul", "foo", ("v1",), None),
+        ("V1.foo.service.dc2.consul.", "foo", ("v1",), "dc2"),
+        ("_foo._v1.service.consul", "foo", ("v1",), None),
+        ("_foo._tcp.service.dc2.consul", "foo", (), "dc2"),
+        ("foo.service.consul", "foo", (), None),
+    ],
+)
+def test_tagged_dns_names_narrow_the_catalog_query(
+    name: str, target: str, tags: tuple[str, ...], dc: str | None
+) -> None:
+    r = resolver_for_name(name, as_client(FakeAgent()), TD)
+    assert isinstance(r, CatalogResolver)
+    assert (r.service, r.tags, r.datacenter) == (target, tags, dc)
+
+
+@pytest.mark.parametrize(
     ("name", "kind", "target", "dc"),
     [
         ("foo.service.consul", CatalogResolver, "foo", None),
@@ -372,10 +392,12 @@ def test_consul_dns_names_map_to_resolvers(
         ("%%%", "invalid"),
         ("foo.service.my-consul.com", "invalid"),
         ("example.com", "invalid"),
-        ("tag1.foo.service.consul", "tag"),
-        ("tag1.foo.service.dc1.consul", "tag"),
+        ("v1.foo.connect.consul", "only accepted on"),
+        ("v1.foo.query.dc1.consul", "only accepted on"),
+        ("_foo.bar.service.consul", "invalid"),
         ("foo.node.consul", "unsupported"),
-        ("foo.bar.service.x.consul", "unsupported"),
+        ("a.b.c.service.consul", "unsupported"),
+        ("foo.bar.query.x.consul", "only accepted on"),
         ("10.0.0.1", "IP address"),
         ("[::1]:80", "IP address"),
         ("", "empty"),
@@ -488,6 +510,21 @@ async def test_a_watch_with_a_filter_the_agent_cannot_compile_stops_instead_of_r
             await r.resolve()
     finally:
         await r.aclose()
+
+
+async def test_a_tagged_name_finds_only_instances_with_that_tag(client: AgentClient) -> None:
+    await register_db_fleet(client)
+    await client.register_service(
+        {"ID": "db-canary", "Name": "db", "Port": 9005, "Address": "127.0.0.1",
+         "Tags": ["Canary"], "Connect": {"Native": True}}
+    )
+    canary = resolver_for_name("canary.db.service.consul", client, TD)
+    assert [ep.service_id for ep in await canary.resolve()] == ["db-canary"]
+    assert [ep.service_id for ep in await canary.resolve()] == ["db-canary"]
+    with pytest.raises(NoInstancesError, match="tagged blue"):
+        await resolver_for_name("blue.db.service.consul", client, TD).resolve()
+    with pytest.raises(ConfigError, match="not a string"):
+        CatalogResolver(client, "db", tags="canary")
 
 
 async def test_catalog_watch_sees_new_instances(client: AgentClient) -> None:
