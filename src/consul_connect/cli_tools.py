@@ -1,4 +1,5 @@
-"""The operator tools of the ``consul-connect`` command: cert, intention, call, dial, doctor.
+"""The operator tools of the ``consul-connect`` command: cert, intention, maint, call, dial,
+doctor.
 
 :func:`add_subcommands` adds them to the entry point's subparsers; every subcommand's
 ``func(args) -> int`` returns the process exit status. Output is for humans by default
@@ -60,6 +61,7 @@ __all__ = [
     "run_dial",
     "run_doctor",
     "run_intention",
+    "run_maint",
 ]
 
 T = TypeVar("T")
@@ -1010,8 +1012,63 @@ def _doctor(args: argparse.Namespace, config: AgentConfig) -> int:
 
 # --------------------------------------------------------------------------- public API
 
+
+def _maint(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Show, enable or disable maintenance mode of the agent's node or one service instance."""
+    usage = None
+    if args.reason and not args.enable:
+        usage = "--reason only goes with --enable"
+    elif args.service and not (args.enable or args.disable):
+        usage = "--service needs --enable or --disable"
+    if usage is not None:
+        print(f"error: {usage}", file=sys.stderr)
+        return 2
+    if args.enable or args.disable:
+
+        async def switch(c: AgentClient) -> None:
+            if args.service:
+                await c.service_maintenance(args.service, bool(args.enable), args.reason)
+            else:
+                await c.node_maintenance(bool(args.enable), args.reason)
+
+        _run(_with_client(config, args.timeout, switch))
+        what = f"service {args.service!r}" if args.service else "the node"
+        state = "entered" if args.enable else "left"
+        if args.json:
+            _print_json({"target": args.service or "node", "maintenance": bool(args.enable)})
+        else:
+            print(f"{what} {state} maintenance mode")
+        return 0
+
+    async def listing(c: AgentClient) -> dict[str, Any]:
+        return (await c.agent_checks(filter='Type == "maintenance"'))[0]
+
+    checks = sorted(
+        _run(_with_client(config, args.timeout, listing)).values(),
+        key=lambda ck: (bool(ck.get("ServiceID")), str(ck.get("ServiceID"))),
+    )
+    entries = [
+        {
+            "service_id": ck.get("ServiceID") or None,
+            "node": ck.get("Node"),
+            "reason": ck.get("Notes", ""),
+        }
+        for ck in checks
+    ]
+    if args.json:
+        _print_json({"maintenance": entries})
+        return 0
+    if not entries:
+        print("nothing is in maintenance mode")
+    for e in entries:
+        target = f"service {e['service_id']}" if e["service_id"] else f"node {e['node']}"
+        print(f"{target}: {e['reason']}")
+    return 0
+
+
 run_cert = _guarded(_cert)
 run_intention = _guarded(_intention)
+run_maint = _guarded(_maint)
 run_call = _guarded(_call)
 run_dial = _guarded(_dial)
 run_doctor = _guarded(_doctor)
@@ -1042,7 +1099,7 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``cert``, ``intention``, ``call``, ``dial`` and ``doctor`` to ``sub``.
+    """Add ``cert``, ``intention``, ``maint``, ``call``, ``dial`` and ``doctor`` to ``sub``.
 
     Each parser gets ``set_defaults(func=...)``, a callable ``(args) -> int`` returning
     the exit status (it prints its own errors and never raises for expected failures).
@@ -1080,6 +1137,20 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     for p in (create, lst, get, delete, check):
         _common(p)
         p.set_defaults(func=run_intention)
+
+    maint = sub.add_parser(
+        "maint",
+        help="show or switch maintenance mode (the node, or one service instance)",
+        description="Without --enable/--disable, list what is in maintenance mode. An "
+        "instance in maintenance mode leaves every health-filtered query (discovery).",
+    )
+    switch = maint.add_mutually_exclusive_group()
+    switch.add_argument("--enable", action="store_true", help="enter maintenance mode")
+    switch.add_argument("--disable", action="store_true", help="leave maintenance mode")
+    maint.add_argument("--service", default=None, help="a service instance ID (default: node)")
+    maint.add_argument("--reason", default="", help="why (shown with the check; --enable)")
+    _common(maint)
+    maint.set_defaults(func=run_maint)
 
     call = sub.add_parser(
         "call",

@@ -411,3 +411,38 @@ def test_doctor_warns_about_a_service_without_instances(cli: Run, addr: list[str
     checks = {c["name"]: c for c in res.json()["checks"]}
     assert checks["discovery"]["status"] in ("warn", "fail")
     assert "nope" in checks["discovery"]["detail"]
+
+
+def test_maint_lists_enters_and_leaves_maintenance_mode(
+    cli: Run, addr: list[str], agent: DevAgent
+) -> None:
+    body = {"ID": "api-1", "Name": "api", "Port": 8443, "Connect": {"Native": True}}
+    httpx.put(f"{agent.http_addr}/v1/agent/service/register", json=body).raise_for_status()
+    assert cli("maint", *addr).out == "nothing is in maintenance mode\n"
+
+    r = cli("maint", "--enable", "--service", "api-1", "--reason", "deploying", *addr)
+    assert (r.code, r.out) == (0, "service 'api-1' entered maintenance mode\n")
+    assert cli("maint", "--enable", *addr).code == 0
+    listed = cli("maint", "--json", *addr).json()["maintenance"]
+    assert [(e["service_id"], e["reason"]) for e in listed] == [
+        (None, "Maintenance mode is enabled for this node, but no reason was provided. "
+         "This is a default message."),
+        ("api-1", "deploying"),
+    ]
+    passing = httpx.get(f"{agent.http_addr}/v1/health/connect/api?passing=1").json()
+    assert passing == []
+
+    assert cli("maint", "--disable", *addr).out == "the node left maintenance mode\n"
+    assert cli("maint", "--disable", "--service", "api-1", *addr).code == 0
+    assert cli("maint", *addr).out == "nothing is in maintenance mode\n"
+
+
+def test_maint_reports_unknown_instances_and_bad_flag_combinations(
+    cli: Run, addr: list[str]
+) -> None:
+    r = cli("maint", "--enable", "--service", "nope", *addr)
+    assert r.code == 1 and 'Unknown service ID "nope"' in r.err
+    r = cli("maint", "--service", "nope", *addr)
+    assert r.code == 2 and "needs --enable or --disable" in r.err
+    r = cli("maint", "--disable", "--reason", "x", *addr)
+    assert r.code == 2 and "--reason only goes with --enable" in r.err
