@@ -148,15 +148,13 @@ class Registration:
     async def _in_maintenance(self) -> bool:
         """Whether an operator put this instance into maintenance mode (best effort)."""
         try:
-            checks, _ = await self._bounded(
-                self.client.agent_checks(
-                    filter=f'CheckID == "{MAINTENANCE_PREFIX}{self.service_id}"'
-                )
-            )
+            # Unfiltered: a service ID needs no quoting that way, and an agent's local
+            # checks are few.
+            checks, _ = await self._bounded(self.client.agent_checks())
         except (AgentError, TimeoutError) as exc:
             logger.debug("cannot read %r's maintenance mode: %s", self.service_id, exc)
             return False
-        return bool(checks)
+        return MAINTENANCE_PREFIX + self.service_id in checks
 
     async def _register(self) -> None:
         ok, note = self._health()

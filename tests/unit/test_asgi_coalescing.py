@@ -95,3 +95,14 @@ async def test_everything_else_is_the_wrapped_transports() -> None:
     t.pause_reading()
     assert not wire.reading
     assert not t.is_closing()
+
+
+async def test_a_buffer_the_caller_reuses_is_sent_as_it_was_written() -> None:
+    wire = FakeTransport()
+    t = _CoalescingTransport(wire, asyncio.get_running_loop())
+    buf = bytearray(b"first")
+    t.write(buf)
+    buf[:] = b"XXXXX"
+    t.write(memoryview(b"-second"))
+    await a_loop_step()
+    assert wire.writes == [b"first-second"]

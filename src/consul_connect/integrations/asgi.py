@@ -242,14 +242,15 @@ class _CoalescingTransport(asyncio.Transport):
         super().__init__()
         self._transport = transport
         self._loop = loop
-        self._held: list[bytes | bytearray | memoryview] = []
+        self._held: list[bytes] = []
         self._held_size = 0
         self._flush_scheduled = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        self._held.append(data)
+        # The caller may reuse a bytearray or memoryview once write() returns.
+        self._held.append(data if isinstance(data, bytes) else bytes(data))
         self._held_size += len(data)
         if self._held_size >= self.FLUSH_AT:
             self._flush()
