@@ -187,6 +187,19 @@ def _targets_md(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+_TLS_TRANSPORTS = {
+    "direct": "with OpenSSL on the socket itself (the library's default)",
+    "asyncio": "with the event loop's own TLS (memory BIO), as the plain mTLS server",
+    "asyncio (before the direct transport existed)": "with the event loop's own TLS "
+    "(memory BIO): the library had no other transport then",
+}
+
+
+def _tls_transport(cfg: dict[str, Any]) -> str:
+    # Runs from before the option always used the event loop's TLS.
+    return str(cfg.get("tls_transport", "asyncio (before the direct transport existed)"))
+
+
 def _twohost_md(th: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """The two-host view: its method, its targets and its two tables."""
     if not th:
@@ -249,7 +262,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Run: {res['started']} (UTC), {res['elapsed_s']:.0f} s, command "
         f"`python bench/run.py{' --smoke' if cfg['smoke'] else ''}"
-        f"{' --http ' + cfg['http'] if cfg.get('http', 'h11') != 'h11' else ''}`.",
+        f"{' --http ' + cfg['http'] if cfg.get('http', 'h11') != 'h11' else ''}"
+        f"{' --tls-transport asyncio' if cfg.get('tls_transport') == 'asyncio' else ''}`.",
         "",
         f"Machine: {mach['cpus']} vCPU {mach['cpu_model']}, {mach['memory_gib']} GiB RAM, "
         f"{mach['os']}; Python {mach['python']}, {mach['openssl']}; {mach['nginx']}. "
@@ -263,6 +277,7 @@ def markdown(res: dict[str, Any]) -> str:
         "Every ratio is taken within a round and then summarised as **median (min\u2013max)** "
         "over rounds. TLS 1.3. Every Python server parses HTTP/1.1 with uvicorn's "
         f"{cfg.get('http', 'h11')} protocol (`--http`). "
+        f"Native servers run TLS {_TLS_TRANSPORTS[_tls_transport(cfg)]} (`--tls-transport`). "
         "Scenario families: the event loop of the Python processes, "
         "server and load generator alike (asyncio's default, or `-uvloop`), and whether TLS "
         "clients resume sessions (`+resume`: every TLS server, nginx included, sends "

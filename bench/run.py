@@ -118,10 +118,16 @@ class Bench:
     def server(self, kind: str, *extra: str) -> tuple[Proc, int]:
         port = free_port()
         proc = Proc(python_script("server.py", "--kind", kind, "--port", str(port),
-                                  "--agent", self.addr, "--http", self.args.http, *extra),
+                                  "--agent", self.addr, "--http", self.args.http,
+                                  *self._native_options(kind), *extra),
                     name=kind)
         self.procs.append(proc)
         return proc, port
+
+    def _native_options(self, kind: str) -> list[str]:
+        if not kind.startswith("native"):
+            return []
+        return ["--tls-transport", getattr(self.args, "tls_transport", "direct")]
 
     def start_servers(self, with_nginx: bool) -> None:
         a = self.args
@@ -656,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", choices=["h11", "httptools"], default="h11",
                         help="uvicorn's HTTP/1.1 parser in every Python server (plaintext, "
                              "plain mTLS, native, the sidecars' backend)")
+    parser.add_argument("--tls-transport", choices=["direct", "asyncio"], default="direct",
+                        help="who runs TLS in the native servers: OpenSSL on the socket "
+                             "(the library's default) or the event loop's TLS")
     parser.add_argument("--reading", default="", help="a file whose text goes under 'Reading'")
     parser.add_argument("--only-rotation", action="store_true",
                         help="re-measure only the rotation into an existing results.json")

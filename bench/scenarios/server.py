@@ -16,6 +16,10 @@ full-handshake scenarios, as the nginx servers there (``ssl_session_tickets off`
 ``--http h11|httptools`` (default h11) picks uvicorn's HTTP/1.1 parser, the same for
 every kind: uvicorn's ``http=`` for plain and mtls, ``serve(..., http=...)`` for native.
 
+``--tls-transport direct|asyncio`` (native kinds, default direct) picks who runs TLS in
+``serve()``: OpenSSL on the socket itself, or the event loop's TLS as the plain mTLS
+server uses.
+
 ``--loop uvloop`` runs the whole process (uvicorn, or ``serve()`` and its ASGI
 protocol) on a uvloop event loop instead of asyncio's default one. ``serve()`` runs on
 the caller's loop, so this is how a caller gets uvloop there; ``asgi.run(...,
@@ -94,7 +98,8 @@ async def _serve_uvicorn(port: int, pem: Pem | None, stop: asyncio.Event, *,
 
 
 async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Event, *,
-                        tickets: bool = True, http: Any = "h11") -> None:
+                        tickets: bool = True, http: Any = "h11",
+                        tls_transport: Any = "direct") -> None:
     from consul_connect.agent.config import AgentConfig
     from consul_connect.integrations.asgi import serve
     from consul_connect.service import Service
@@ -104,7 +109,7 @@ async def _serve_native(port: int, agent: str, authorizer: str, stop: asyncio.Ev
                   session_tickets=tickets)
     try:
         server = await serve(app, svc, "127.0.0.1", port, ready_timeout=30, http=http,
-                             **_UVICORN)
+                             tls_transport=tls_transport, **_UVICORN)
         print(f"listening {server.port}", flush=True)
         await stop.wait()
         await server.aclose(5)
@@ -124,7 +129,8 @@ async def _main(args: argparse.Namespace) -> None:
                              tickets=not args.no_tickets, http=args.http)
     elif args.kind in ("native-intentions", "native-agent"):
         await _serve_native(args.port, args.agent, args.kind.split("-", 1)[1], stop,
-                            tickets=not args.no_tickets, http=args.http)
+                            tickets=not args.no_tickets, http=args.http,
+                            tls_transport=args.tls_transport)
     else:
         raise SystemExit(f"unknown kind {args.kind}")
 
@@ -147,6 +153,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--no-tickets", action="store_true")
     parser.add_argument("--http", choices=["h11", "httptools"], default="h11")
+    parser.add_argument("--tls-transport", choices=["direct", "asyncio"], default="direct")
     args = parser.parse_args()
     if not args.profile:
         _run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,61 @@ def test_dial_on_uvloop_to_the_wrong_identity_is_refused() -> None:
     finally:
         web.close()
         api.close()
+
+
+@pytest.mark.parametrize("tls_transport", ["direct", "asyncio"])
+def test_an_asgi_app_served_on_uvloop_sees_the_caller_and_refuses_strangers(
+    tls_transport: str,
+) -> None:
+    from consul_connect.integrations.asgi import peer_identity_from_scope, serve
+
+    ca = TestCA()
+    web = Service.from_test_ca(ca, "web", authorizer=AllowTrustDomain(ca.trust_domain))
+    api = Service.from_test_ca(ca, "api", authorizer=AllowIdentities(web.identity))
+    billing = Service.from_test_ca(ca, "billing", authorizer=AllowTrustDomain(ca.trust_domain))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        peer = peer_identity_from_scope(scope)
+        body = (peer.uri if peer else "none").encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    async def get(caller: Service, port: int) -> bytes:
+        reader, writer = await caller.open_connection(
+            Endpoint("127.0.0.1", port, api.identity), timeout=5
+        )
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    async def main() -> tuple[bytes, bytes]:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        server = await serve(app, api, tls_transport=tls_transport, enforce_intentions=False)  # type: ignore[arg-type]
+        try:
+            allowed = await get(web, server.port)
+            try:
+                refused = await get(billing, server.port)
+            except (ConnectionError, OSError):
+                refused = b""
+            return allowed, refused
+        finally:
+            await server.aclose(5)
+
+    try:
+        allowed, refused = _on_uvloop_result(main())
+    finally:
+        for svc in (web, api, billing):
+            svc.close()
+    assert allowed.startswith(b"HTTP/1.1 200 ")
+    assert web.identity.uri.encode() in allowed
+    assert refused == b""
+    assert api.statistics().rejected == 1
+
+
+def _on_uvloop_result(main: Any) -> Any:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -34,12 +34,15 @@ from tests.integrations import (
 )
 
 
-@pytest.fixture(params=["h11", "httptools"])
+@pytest.fixture(params=["h11", "httptools", "h11-loop-tls"])
 async def mesh(agent: DevAgent, request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
-    """The shared mesh, its ``api`` served with each of uvicorn's HTTP/1.1 parsers."""
-    if request.param == "httptools":
+    """The shared mesh, its ``api`` served with each of uvicorn's HTTP/1.1 parsers on
+    the direct TLS transport, and with h11 on the event loop's own TLS."""
+    http, _, loop_tls = str(request.param).partition("-")
+    if http == "httptools":
         pytest.importorskip("httptools")
-    async with open_mesh(agent, http=request.param) as opened:
+    transport = "asyncio" if loop_tls else "direct"
+    async with open_mesh(agent, http=http, tls_transport=transport) as opened:
         yield opened
 
 
@@ -224,11 +227,13 @@ async def test_auto_parses_http_with_httptools_when_it_is_installed(mesh: Mesh) 
         await server.aclose()
 
 
-async def test_an_unknown_http_parser_is_a_config_error(mesh: Mesh) -> None:
+async def test_an_unknown_http_parser_or_tls_transport_is_a_config_error(mesh: Mesh) -> None:
     from consul_connect.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'auto', 'h11' or 'httptools'"):
         await serve(RecordingApp(), mesh.api, http="h2")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'direct' or 'asyncio'"):
+        await serve(RecordingApp(), mesh.api, tls_transport="kernel")  # type: ignore[arg-type]
 
 
 def test_server_context_is_the_services_dynamic_context(mesh: Mesh) -> None:

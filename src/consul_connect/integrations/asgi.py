@@ -35,8 +35,16 @@ cannot see requests); with ``enforce_intentions=False`` it is refused at connect
 HTTP/1.1 is parsed by uvicorn's httptools protocol when httptools is installed (as
 uvicorn's own ``http="auto"``; ``pip install 'consul-connect[httptools]'``), else by its
 h11 protocol; ``http="h11"`` or ``http="httptools"`` picks one. Both get the same
-connection check and scope. Limits: no HTTP/2; WebSockets are off (``ws="none"``);
-uvicorn's own TLS handshake timeout (60 s) applies.
+connection check and scope.
+
+TLS runs on the socket itself (``tls_transport="direct"``, the default): OpenSSL reads
+and writes each connection's socket, driven by the event loop (asyncio's or uvloop's),
+which saves a copy and several Python calls per record against the loop's own TLS
+(``tls_transport="asyncio"``, as plain uvicorn). Either way a response's writes of one
+loop step leave as one TLS record. A client has 60 s to complete its handshake; failed
+or abandoned handshakes are counted in ``service.statistics()``.
+
+Limits: no HTTP/2; WebSockets are off (``ws="none"``).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from consul_connect.authz.intentions import Decision
 from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
 from consul_connect.integrations._common import request_denied
+from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport
 from consul_connect.service import Service
 from consul_connect.tls import peer_identity
 
@@ -65,6 +74,7 @@ __all__ = [
     "ConnectServer",
     "HTTPImplementation",
     "IntentionsMiddleware",
+    "TLSTransport",
     "peer_identity_from_scope",
     "run",
     "serve",
@@ -351,8 +361,9 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
         _cc_token: int | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:
-            # uvicorn's protocol sees (and writes to) the coalescing wrapper.
-            transport = _CoalescingTransport(transport, self.loop)
+            if not isinstance(transport, TLSSocketTransport):  # that one coalesces itself
+                # uvicorn's protocol sees (and writes to) the coalescing wrapper.
+                transport = _CoalescingTransport(transport, self.loop)
             super().connection_made(transport)
             self._cc_buffer = []
             ssl_obj = transport.get_extra_info("ssl_object")
@@ -455,10 +466,31 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
 # ------------------------------------------------------------------------------ server
 
 
+TLSTransport = Literal["direct", "asyncio"]
+"""Who runs TLS for :func:`serve` (``serve(..., tls_transport=...)``).
+
+"direct": OpenSSL reads and writes each connection's socket itself, driven by the
+event loop (fewer copies and Python calls per record: the faster choice). "asyncio":
+the event loop's own TLS (a memory BIO behind uvicorn's usual transport).
+"""
+
+HANDSHAKE_TIMEOUT = 60.0
+"""Seconds a client has to complete the TLS handshake (as asyncio's default)."""
+
+
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, signals: bool) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        signals: bool,
+        service: Service,
+        tls_transport: str,
+    ) -> None:
         super().__init__(config)
         self._cc_signals = signals
+        self._cc_service = service
+        self._cc_direct = tls_transport == "direct"
         self.cc_started = asyncio.Event() if not signals else None
 
     @contextlib.contextmanager
@@ -471,9 +503,49 @@ class _Server(uvicorn.Server):
             yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        if not self._cc_direct or not sockets:
+            await super().startup(sockets=sockets)
+        else:
+            # uvicorn runs the lifespan startup and creates no listener of its own
+            # (no sockets); the TLS servers take its place.
+            await super().startup(sockets=[])
+            self._cc_listen(sockets)
         if self.cc_started is not None:
             self.cc_started.set()
+
+    def _cc_listen(self, sockets: list[socket.socket]) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        service = self._cc_service
+
+        def create_protocol() -> asyncio.BaseProtocol:
+            protocol: asyncio.BaseProtocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+            )
+            return protocol
+
+        servers = [
+            TLSServer(
+                loop,
+                sock,
+                service.server_context,
+                create_protocol,
+                handshake_timeout=HANDSHAKE_TIMEOUT,
+                on_handshake_failure=service._handshake_failed,
+                backlog=config.backlog,
+            )
+            for sock in sockets
+        ]
+        # uvicorn only calls close() and wait_closed() on what it holds here.
+        self.servers.extend(servers)  # type: ignore[arg-type]
+
+
+def _check_tls_transport(tls_transport: str) -> None:
+    if tls_transport not in ("direct", "asyncio"):
+        raise ConfigError(f"tls_transport must be 'direct' or 'asyncio', not {tls_transport!r}")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -583,6 +655,7 @@ async def serve(
     enforce_intentions: bool = True,
     ready_timeout: float = 30.0,
     http: HTTPImplementation = "auto",
+    tls_transport: TLSTransport = "direct",
     **uvicorn_options: Any,
 ) -> ConnectServer:
     """Start serving ``app`` as ``service`` on the running loop; return once it listens.
@@ -594,7 +667,9 @@ async def serve(
     ``log_level``, ``lifespan``, ``limit_concurrency``, ``timeout_keep_alive``, default
     15); TLS, protocol and address options are set here and refused. ``http`` picks
     the HTTP/1.1 parser: "httptools" (faster; needs the httptools package), "h11", or
-    "auto" (httptools when installed). Logging is left as configured unless
+    "auto" (httptools when installed). ``tls_transport`` picks who runs TLS:
+    "direct" (OpenSSL on the socket itself, the faster default) or "asyncio" (the event
+    loop's TLS, as plain uvicorn). Logging is left as configured unless
     ``log_config`` is passed.
 
     Raises :class:`~consul_connect.errors.NotReadyError` when the Service has no
@@ -604,6 +679,7 @@ async def serve(
     ``ready_timeout``.
     """
     loop = asyncio.get_running_loop()
+    _check_tls_transport(tls_transport)
     # A ready Service also has its authorizer's first data, so early callers are not
     # refused for want of intentions.
     await service.wait_ready_async(ready_timeout)
@@ -614,7 +690,7 @@ async def serve(
     )
     sock = _listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
-    server = _Server(config, signals=False)
+    server = _Server(config, signals=False, service=service, tls_transport=tls_transport)
     assert server.cc_started is not None
     started = server.cc_started
 
@@ -654,6 +730,7 @@ def run(
     enforce_intentions: bool = True,
     ready_timeout: float = 30.0,
     http: HTTPImplementation = "auto",
+    tls_transport: TLSTransport = "direct",
     **uvicorn_options: Any,
 ) -> None:
     """Serve ``app`` as ``service`` until SIGINT/SIGTERM (blocking; uvicorn's own loop).
@@ -661,6 +738,7 @@ def run(
     Same arguments and guarantees as :func:`serve`; uvicorn configures logging as usual.
     The Service is not closed on return: it belongs to the caller.
     """
+    _check_tls_transport(tls_transport)
     service.wait_ready(ready_timeout)
     config = _config(
         app,
@@ -675,6 +753,8 @@ def run(
     bound_host, bound_port = sock.getsockname()[:2]
     log.warning("service %s serving Connect mTLS on %s:%d", service.name, bound_host, bound_port)
     try:
-        _Server(config, signals=True).run(sockets=[sock])
+        _Server(config, signals=True, service=service, tls_transport=tls_transport).run(
+            sockets=[sock]
+        )
     finally:
         sock.close()
