@@ -32,18 +32,20 @@ import cgen
 import httpx
 from common import BENCH_DIR, Proc, fetch_pem, free_port, python_script, wait_port
 
-# Inclusive shares: a sample counts under every kind whose frame is on its stack.
-KINDS = {
-    "OpenSSL handshake (SSLObject.do_handshake)": "do_handshake (ssl.py",
-    "TLS record read (SSLObject.read)": "read (ssl.py",
-    "TLS record write (SSLObject.write)": "write (ssl.py",
-    "asyncio SSL protocol and below": "asyncio/sslproto.py",
-    "uvicorn (HTTP protocol, app cycle)": "uvicorn/",
-    "h11 (HTTP parsing and writing)": "h11/",
-    "httptools (HTTP parsing)": "httptools/",
-    "the ASGI app task (run_asgi)": "run_asgi",
-    "accepting sockets": "_accept_connection",
-    "connection_lost / close": "connection_lost",
+# Inclusive shares: a sample counts under every kind one of whose frames is on its stack.
+# The TLS kinds match CPython's C functions, under either TLS transport.
+KINDS: dict[str, tuple[str, ...]] = {
+    "OpenSSL handshake (do_handshake)": ("_ssl__SSLSocket_do_handshake",),
+    "TLS record read (SSL_read)": ("_ssl__SSLSocket_read",),
+    "TLS record write (SSL_write)": ("_ssl__SSLSocket_write",),
+    "asyncio SSL protocol and below": ("asyncio/sslproto.py",),
+    "direct TLS transport and below": ("_tlsserver.py",),
+    "uvicorn (HTTP protocol, app cycle)": ("uvicorn/",),
+    "h11 (HTTP parsing and writing)": ("h11/",),
+    "httptools (HTTP parsing)": ("httptools/", "(parser.c:"),
+    "the ASGI app task (run_asgi)": ("run_asgi",),
+    "accepting sockets": ("_accept_connection", "TLSServer._accept"),
+    "connection_lost / close": ("connection_lost",),
 }
 
 
@@ -52,7 +54,7 @@ def summarise(raw: Path) -> dict[str, object]:
     busy = idle = 0
     incl: collections.Counter[str] = collections.Counter()
     inner: collections.Counter[str] = collections.Counter()
-    own = 0
+    own = inner_lib = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
@@ -62,19 +64,22 @@ def summarise(raw: Path) -> dict[str, object]:
             idle += n
             continue
         busy += n
-        for kind, frame in KINDS.items():
-            if frame in stack:
+        for kind, frames in KINDS.items():
+            if any(frame in stack for frame in frames):
                 incl[kind] += n
         py = [f for f in stack.split(";") if ".py:" in f]
         if py:
             inner[re.sub(r" \(.*?([^/]+\.py):\d+\)", r" (\1)", py[-1])] += n
             if "consul_connect/" in py[-1]:
-                own += n
+                inner_lib += n
+                if stack.rsplit(";", 1)[-1] == py[-1]:  # no native code below it
+                    own += n
     return {
         "busy_samples": busy,
         "idle_samples": idle,
         "inclusive_pct": {k: 100 * incl[k] / max(busy, 1) for k in KINDS},
-        "library_innermost_pct": 100 * own / max(busy, 1),
+        "library_innermost_pct": 100 * inner_lib / max(busy, 1),
+        "library_own_pct": 100 * own / max(busy, 1),
         "top_innermost_pct": {k: 100 * v / max(busy, 1) for k, v in inner.most_common(15)},
     }
 
@@ -86,7 +91,11 @@ def render(mode: str, s: dict[str, object], rps: float) -> str:
              "Share of busy samples with this work on the stack (overlapping):"]
     for k, v in s["inclusive_pct"].items():  # type: ignore[attr-defined]
         lines.append(f"  {v:5.1f} %  {k}")
-    lines += ["", f"  {s['library_innermost_pct']:5.1f} %  innermost frame in consul_connect",
+    own = s.get("library_own_pct", 0.0)
+    lines += ["", f"  {s['library_innermost_pct']:5.1f} %  innermost Python frame in "
+              "consul_connect (with native code below it, e.g. OpenSSL under the direct "
+              "transport)",
+              f"  {own:5.1f} %  of it in the library's Python code itself",
               "", "Innermost Python frames (their own time plus native code below them):"]
     for k, v in s["top_innermost_pct"].items():  # type: ignore[attr-defined]
         lines.append(f"  {v:5.1f} %  {k}")
@@ -99,6 +108,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", default=str(BENCH_DIR / "results"))
     parser.add_argument("--http", choices=["h11", "httptools"], default="h11")
+    parser.add_argument("--keep-raw", action="store_true",
+                        help="also write py-spy's raw stacks (where_native_<mode>.raw)")
     args = parser.parse_args()
     spy = shutil.which("py-spy")
     exe = cgen.build()
@@ -140,6 +151,8 @@ def main() -> int:
                 stdout, _ = gen.communicate(timeout=args.seconds + 30)
                 rps = json.loads(stdout.decode().splitlines()[-1])["rps"]
                 text = render(mode, summarise(raw), rps)
+                if args.keep_raw:
+                    shutil.copyfile(raw, out / f"where_native_{mode}.raw")
             (out / f"where_native_{mode}.txt").write_text(text)
             print(text)
     finally:
