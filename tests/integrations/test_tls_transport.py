@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from consul_connect.integrations import _tlsserver
 from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport
 from consul_connect.testing import TestCA
 from consul_connect.tls import TLSMaterial
@@ -408,5 +409,28 @@ def test_closing_the_server_stops_accepting_and_abandons_handshakes(loop: str) -
         await wait_until_async(lambda: protocol.received == b"after", what="still served")
         writer.close()
         stalled.transport.abort()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_close_gives_up_on_a_peer_that_never_reads(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_tlsserver, "_CLOSE_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        f = Fixture()
+        f.start()
+        _reader, writer = await f.connect()  # and never reads
+        protocol = await f.protocol()
+        assert protocol.transport is not None
+        protocol.transport.write(b"x" * (16 * 1024 * 1024))
+        protocol.transport.close()
+        assert protocol.transport.get_write_buffer_size() > 0
+        await wait_until_async(lambda: "lost" in protocol.events, what="close gave up")
+        assert protocol.transport.get_write_buffer_size() == 0
+        writer.transport.abort()
+        await f.stop()
 
     run_on(loop, main)

@@ -41,10 +41,14 @@ _ACCEPTS_PER_WAKEUP = 32
 _READS_PER_WAKEUP = 16
 """Records read per readiness event before other connections get their turn."""
 
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 64 * 1024
+"""Bytes asked of one ``SSL_read``, which returns at most one record (16 KiB) anyway."""
 
 _WRITE_CHUNK = 256 * 1024
 """Largest single ``SSL_write``: a blocked one must be retried with the same bytes."""
+
+_CLOSE_TIMEOUT = 30.0
+"""Seconds ``close()`` waits for a peer that does not read what is still buffered."""
 
 _LINGER = 5.0
 """Seconds a closed connection keeps reading (and discarding) until the peer's EOF.
@@ -64,8 +68,11 @@ _CONNECTION_GONE = (
 
 
 def _is_eof(exc: ssl.SSLError) -> bool:
-    """True when ``exc`` says the peer closed the TCP stream without ``close_notify``."""
-    return isinstance(exc, ssl.SSLEOFError) or exc.reason == "UNEXPECTED_EOF_WHILE_READING"
+    """True when ``exc`` says the peer closed its side, with or without ``close_notify``."""
+    return (
+        isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+        or exc.reason == "UNEXPECTED_EOF_WHILE_READING"
+    )
 
 
 class TLSSocketTransport(asyncio.Transport):
@@ -110,6 +117,7 @@ class TLSSocketTransport(asyncio.Transport):
         self._protocol_paused = False
         self._closing = False
         self._closed = False  # the protocol has been (or is being) told
+        self._close_timer: asyncio.TimerHandle | None = None
         self._writes_after_close = 0
 
     # -- lifecycle ------------------------------------------------------------------
@@ -386,10 +394,16 @@ class TLSSocketTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._remove_reader()
+        if not self._write_needs_read:
+            self._remove_reader()
         self._flush()
-        if self._blocked is None and not self._closed:
+        if self._closed:
+            return
+        if self._blocked is None:
             self._shutdown()
+        else:
+            # A peer that stops reading must not keep the connection forever.
+            self._close_timer = self._loop.call_later(_CLOSE_TIMEOUT, self.abort)
 
     def abort(self) -> None:
         """Close at once; buffered bytes are dropped."""
@@ -399,6 +413,8 @@ class TLSSocketTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._remove_reader()
         self._remove_writer()
         sock = self._sock
@@ -431,6 +447,8 @@ class TLSSocketTransport(asyncio.Transport):
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _release(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._remove_reader()
         self._remove_writer()
         self._sock.close()
