@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import socket
 import time
@@ -42,7 +43,8 @@ class RecordingApp:
 
     A request to ``/stall`` waits until :attr:`release` is set (for timeout tests);
     ``/stream`` answers ``chunk0`` to ``chunk4`` (one line each, a loop step apart) and
-    ``/big`` 1 MiB of ``x`` in one body.
+    ``/big`` 1 MiB of ``x`` in one body; ``/upload`` reads the whole request body and
+    answers ``<size> <sha256 hex>``.
     """
 
     scopes: list[dict[str, Any]] = field(default_factory=list)
@@ -58,6 +60,19 @@ class RecordingApp:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         self.scopes.append(dict(scope))
+        if scope["path"] == "/upload":
+            digest, size = hashlib.sha256(), 0
+            while True:
+                message = await receive()
+                chunk = message.get("body", b"")
+                digest.update(chunk)
+                size += len(chunk)
+                if not message.get("more_body"):
+                    break
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            answer = f"{size} {digest.hexdigest()}".encode()
+            await send({"type": "http.response.body", "body": answer})
+            return
         if scope["path"] == "/stall":
             await self.release.wait()
         if scope["path"] in ("/stream", "/big"):

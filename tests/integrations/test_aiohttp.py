@@ -19,7 +19,7 @@ from aiohttp import ClientError, ClientTimeout, web
 
 from consul_connect.agent.config import AgentConfig
 from consul_connect.devagent import DevAgent
-from consul_connect.errors import ServerIdentityError
+from consul_connect.errors import ConfigError, ServerIdentityError
 from consul_connect.integrations.aiohttp import (
     PEER_KEY,
     ConnectServer,
@@ -64,14 +64,15 @@ class App:
         return web.Response(text=f"{peer.service} {client_cert}")
 
 
-@pytest.fixture
-async def mesh(agent: DevAgent) -> AsyncIterator[dict[str, Any]]:
+@pytest.fixture(params=["direct", "asyncio"])
+async def mesh(agent: DevAgent, request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """``api`` served on each TLS transport (OpenSSL on the socket, the loop's own TLS)."""
     cfg = AgentConfig.from_address(agent.address)
     services = {n: Service(n, agent=cfg) for n in ("api", "web", "evil")}
     for s in services.values():
         await s.wait_ready_async(10)
     app = App()
-    server = await serve(app.app, services["api"])
+    server = await serve(app.app, services["api"], tls_transport=request.param)
     register(agent, "api", server.port)
     yield {"agent": agent, "app": app, "server": server, **services}
     await server.aclose()
@@ -216,6 +217,18 @@ async def test_site_without_l7_middleware_refuses_callers_that_need_per_request_
     finally:
         await runner.cleanup()
         await web_svc.aclose()
+        await api.aclose()
+
+
+async def test_an_unknown_tls_transport_is_a_config_error(agent: DevAgent) -> None:
+    api = Service("api", agent=AgentConfig.from_address(agent.address))
+    runner = web.AppRunner(App().app)
+    try:
+        await runner.setup()
+        with pytest.raises(ConfigError, match="'direct' or 'asyncio'"):
+            ConnectSite(runner, api, tls_transport="kernel")  # type: ignore[arg-type]
+    finally:
+        await runner.cleanup()
         await api.aclose()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -200,6 +201,29 @@ async def test_streamed_and_large_bodies_arrive_whole_and_in_order(mesh: Mesh) -
     assert streamed.headers["transfer-encoding"] == "chunked"
     assert big.content == b"x" * (1 << 20)
     assert small.json()["path"] == "/small"
+
+
+async def test_a_large_upload_and_pipelined_requests_are_read_whole_and_in_order(
+    mesh: Mesh,
+) -> None:
+    # 4 MiB makes uvicorn pause reading while the app drains its buffer.
+    payload = bytes(range(256)) * (16 * 1024)
+    async with httpx.AsyncClient(transport=AsyncConnectTransport(mesh.web)) as client:
+        r = await client.post("https://api.service.consul/upload", content=payload)
+    assert r.text == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+    # Four requests in one write: uvicorn handles them one at a time.
+    requests = [b"GET /p%d HTTP/1.1\r\nHost: api\r\n\r\n" % i for i in range(3)]
+    requests.append(b"GET /p3 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+    reader, writer = await mesh.web.open_connection("api", timeout=10)
+    try:
+        writer.write(b"".join(requests))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+    finally:
+        writer.transport.abort()
+    assert answer.count(b"HTTP/1.1 200 ") == 4
+    positions = [answer.index(b'"path": "/p%d"' % i) for i in range(4)]
+    assert positions == sorted(positions)
 
 
 async def test_a_response_before_connection_close_is_delivered_whole(mesh: Mesh) -> None:

@@ -17,7 +17,7 @@ import pytest
 from consul_connect.integrations import _tlsserver
 from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport
 from consul_connect.testing import TestCA
-from consul_connect.tls import TLSMaterial
+from consul_connect.tls import TLSMaterial, load_cert_chain_from_memory
 from tests.integrations import wait_until_async
 
 LOOPS = ["asyncio", "uvloop"]
@@ -431,6 +431,35 @@ def test_close_gives_up_on_a_peer_that_never_reads(
         await wait_until_async(lambda: "lost" in protocol.events, what="close gave up")
         assert protocol.transport.get_write_buffer_size() == 0
         writer.transport.abort()
+        await f.stop()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_1_2_client_is_served_and_closed_cleanly(loop: str) -> None:
+    async def main() -> None:
+        f = Fixture()
+        f.configure = lambda p: setattr(p, "on_data", lambda p, d: p.transport.write(d[::-1]))
+        f.start()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cadata=f.server_tls.roots.cadata)
+        web = f.client_tls.leaf
+        load_cert_chain_from_memory(ctx, web.full_chain_pem, web.private_key_pem)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", f.port, ssl=ctx, server_hostname=""
+        )
+        writer.write(b"abc")
+        assert await reader.readexactly(3) == b"cba"
+        protocol = await f.protocol()
+        assert protocol.transport is not None
+        assert protocol.transport.get_extra_info("ssl_object").version() == "TLSv1.2"
+        protocol.transport.close()
+        assert await reader.read() == b""  # close_notify, then EOF
+        await wait_until_async(lambda: "lost" in protocol.events, what="connection lost")
+        writer.close()
         await f.stop()
 
     run_on(loop, main)

@@ -31,7 +31,7 @@ from typing import Any
 
 from consul_connect.tls import _NOT_FINISHED, HandshakeFailureHook
 
-__all__ = ["TLSServer", "TLSSocketTransport"]
+__all__ = ["TLSServer", "TLSSocketTransport", "bind_socket"]
 
 log = logging.getLogger("consul_connect.asgi")
 
@@ -65,6 +65,21 @@ _CONNECTION_GONE = (
     ConnectionResetError,
     ConnectionAbortedError,
 )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening); 0 picks a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and without
+    # it every response waits for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_eof(exc: ssl.SSLError) -> bool:
@@ -277,10 +292,18 @@ class TLSSocketTransport(asyncio.Transport):
 
     def _send(self, data: bytes) -> None:
         """Write ``data`` now; what the socket cannot take waits, ahead of the backlog."""
-        view = memoryview(data)
         tls = self._tls
+        if len(data) <= _WRITE_CHUNK:  # the usual case: one SSL_write
+            try:
+                tls.write(data)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
+                self._block(data, want_read=isinstance(exc, ssl.SSLWantReadError))
+            except (ssl.SSLError, OSError) as exc:
+                self._fatal(exc, "error while writing")
+            return
+        view = memoryview(data)
         for start in range(0, len(data), _WRITE_CHUNK):
-            chunk = data if len(data) <= _WRITE_CHUNK else bytes(view[start : start + _WRITE_CHUNK])
+            chunk = bytes(view[start : start + _WRITE_CHUNK])
             try:
                 tls.write(chunk)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
@@ -692,11 +715,16 @@ class TLSServer:
         sock.close()
 
     def close(self) -> None:
-        """Stop accepting; abandon handshakes in progress. Accepted connections stay."""
+        """Stop accepting and close the listening socket; abandon handshakes in progress.
+
+        Accepted connections stay: they belong to their protocols.
+        """
         if not self._serving:
             return
         self._serving = False
-        self.loop.remove_reader(self._sock.fileno())
+        with contextlib.suppress(ValueError, OSError):  # the socket may be closed already
+            self.loop.remove_reader(self._sock.fileno())
+        self._sock.close()
         for handshake in list(self._handshakes):
             handshake.finish()
             handshake.sock.close()

@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import BaseConnector, ClientSession, web
 from aiohttp.typedefs import Middleware
@@ -48,6 +48,7 @@ from consul_connect.integrations._common import (
     request_denied,
     try_endpoints,
 )
+from consul_connect.integrations._tlsserver import TLSServer, bind_socket
 from consul_connect.integrations.httpx import DEFAULT_MAX_CONNECTION_AGE
 from consul_connect.service import Service
 from consul_connect.tls import HANDSHAKE_TIMEOUT, peer_identity, verify_server_identity
@@ -388,6 +389,11 @@ class ConnectSite(web.BaseSite):
     request only if the application runs :func:`connect_middleware` (as :func:`serve`
     arranges); without it they are refused at connection time, as Consul's authorize
     endpoint would. ``port=0`` picks a free port (see :attr:`port`).
+
+    ``tls_transport="direct"`` (the default) lets OpenSSL read and write each
+    connection's socket itself, driven by the event loop; ``"asyncio"`` uses the loop's
+    own TLS. The first costs less CPU per request (see the ASGI guide); both behave the
+    same to aiohttp.
     """
 
     def __init__(
@@ -399,12 +405,18 @@ class ConnectSite(web.BaseSite):
         *,
         backlog: int = 128,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        tls_transport: Literal["direct", "asyncio"] = "direct",
     ) -> None:
+        if tls_transport not in ("direct", "asyncio"):
+            raise ConfigError(
+                f"tls_transport must be 'direct' or 'asyncio', not {tls_transport!r}"
+            )
         super().__init__(runner, backlog=backlog)
         self._service = service
         self._host = host
         self._port = port
         self._handshake_timeout = handshake_timeout
+        self._direct = tls_transport == "direct"
         self._bound: tuple[str, int] | None = None
 
     @property
@@ -429,17 +441,42 @@ class ConnectSite(web.BaseSite):
         app = getattr(self._runner, "app", None)
         l7 = app is not None and any(m in _l7_middlewares for m in app.middlewares)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Gate(factory, svc, l7),
-            self._host,
-            self._port,
-            ssl=svc.server_context,
-            ssl_handshake_timeout=self._handshake_timeout,
-            backlog=self._backlog,
-        )
-        if self._server.sockets:
-            host, port = self._server.sockets[0].getsockname()[:2]
+        listener: Any  # aiohttp only calls close() on what it keeps in _server
+        if self._direct:
+            sock = bind_socket(self._host, self._port)
+            try:
+                listener = TLSServer(
+                    loop,
+                    sock,
+                    svc.server_context,
+                    lambda: _Gate(factory, svc, l7),
+                    handshake_timeout=self._handshake_timeout,
+                    on_handshake_failure=svc._handshake_failed,
+                    backlog=self._backlog,
+                )
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            listener = await loop.create_server(
+                lambda: _Gate(factory, svc, l7),
+                self._host,
+                self._port,
+                ssl=svc.server_context,
+                ssl_handshake_timeout=self._handshake_timeout,
+                backlog=self._backlog,
+            )
+        self._server = listener
+        if listener.sockets:
+            host, port = listener.sockets[0].getsockname()[:2]
             self._bound = (str(host), int(port))
+
+    async def stop(self) -> None:
+        """Stop accepting (connections being served are left to the runner)."""
+        server = self._server
+        await super().stop()
+        if isinstance(server, TLSServer):
+            await server.wait_closed()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -516,6 +553,7 @@ async def serve(
     backlog: int = 128,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     shutdown_timeout: float = 10.0,
+    tls_transport: Literal["direct", "asyncio"] = "direct",
     **runner_kwargs: Any,
 ) -> ConnectServer:
     """Serve ``app`` over Connect mTLS on ``host:port`` and return the running server.
@@ -524,14 +562,21 @@ async def serve(
     called before the app is frozen by another runner), sets up an ``AppRunner`` and a
     :class:`ConnectSite`. Waits up to 30 s for the Service's certificates
     (raises :class:`~consul_connect.errors.NotReadyError`); ``OSError`` if the port is
-    taken. Stop it with ``await server.aclose()`` or ``async with``.
+    taken. Stop it with ``await server.aclose()`` or ``async with``. ``tls_transport``
+    is :class:`ConnectSite`'s.
     """
     app.middlewares.insert(0, connect_middleware(service))
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, **runner_kwargs)
     await runner.setup()
     try:
         site = ConnectSite(
-            runner, service, host, port, backlog=backlog, handshake_timeout=handshake_timeout
+            runner,
+            service,
+            host,
+            port,
+            backlog=backlog,
+            handshake_timeout=handshake_timeout,
+            tls_transport=tls_transport,
         )
         await site.start()
     except BaseException:

@@ -65,7 +65,7 @@ from consul_connect.authz.intentions import Decision
 from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
 from consul_connect.integrations._common import request_denied
-from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport
+from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport, bind_socket
 from consul_connect.service import Service
 from consul_connect.tls import peer_identity
 
@@ -442,6 +442,8 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
 
             self._cc_token = service.track_connection(identity, close, per_request_l7=per_request)
             self._cc_state = "accepted"
+            # From now on the transport hands bytes straight to uvicorn's parser.
+            self.__dict__["data_received"] = super().data_received
             if self._cc_buffer:
                 data = b"".join(self._cc_buffer)
                 self._cc_buffer = []
@@ -546,20 +548,6 @@ class _Server(uvicorn.Server):
 def _check_tls_transport(tls_transport: str) -> None:
     if tls_transport not in ("direct", "asyncio"):
         raise ConfigError(f"tls_transport must be 'direct' or 'asyncio', not {tls_transport!r}")
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and without
-    # it every response waits for the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _config(
@@ -688,7 +676,7 @@ async def serve(
     config = _config(
         app, service, host, port, enforce_intentions=enforce_intentions, http=http, **options
     )
-    sock = _listen(host, port)
+    sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     server = _Server(config, signals=False, service=service, tls_transport=tls_transport)
     assert server.cc_started is not None
@@ -749,7 +737,7 @@ def run(
         http=http,
         **uvicorn_options,
     )
-    sock = _listen(host, port)
+    sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     log.warning("service %s serving Connect mTLS on %s:%d", service.name, bound_host, bound_port)
     try:
