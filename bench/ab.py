@@ -22,8 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scenarios"))
 import cgen
-import httpx
-from common import Proc, fetch_pem, free_port, python_script, wait_port
+from common import Proc, fetch_pem, free_port, python_script, start_agent_allowing, wait_port
 
 TRANSPORTS = ("asyncio", "direct")
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -48,15 +47,10 @@ def main() -> int:
     if isinstance(exe, str) or (os.cpu_count() or 1) < 2:
         print(f"skipped: needs two CPUs and the C load generator ({exe})")
         return 0
-    agent = Proc(python_script("agent.py"), name="agent", stdin=subprocess.PIPE)
+    agent, addr = start_agent_allowing("web", "api")
     servers: dict[str, tuple[Proc, int]] = {}
     keys = None
     try:
-        assert agent.popen.stdout is not None
-        addr = agent.popen.stdout.readline().decode().split()[1]
-        httpx.put(f"http://{addr}/v1/connect/intentions/exact",
-                  params={"source": "web", "destination": "api"},
-                  json={"Action": "allow"}, timeout=10).raise_for_status()
         for transport in TRANSPORTS:
             port = free_port()
             servers[transport] = (Proc(python_script(

@@ -29,8 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scenarios"))
 import cgen
-import httpx
-from common import BENCH_DIR, Proc, fetch_pem, free_port, python_script, wait_port
+from common import (
+    BENCH_DIR,
+    Proc,
+    fetch_pem,
+    free_port,
+    python_script,
+    start_agent_allowing,
+    wait_port,
+)
 
 # Inclusive shares: a sample counts under every kind one of whose frames is on its stack.
 # The TLS kinds match CPython's C functions, under either TLS transport.
@@ -118,15 +125,10 @@ def main() -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    agent = Proc(python_script("agent.py"), name="agent", stdin=subprocess.PIPE)
+    agent, addr = start_agent_allowing("web", "api")
     keys = None
     server = None
     try:
-        assert agent.popen.stdout is not None
-        addr = agent.popen.stdout.readline().decode().split()[1]
-        httpx.put(f"http://{addr}/v1/connect/intentions/exact",
-                  params={"source": "web", "destination": "api"},
-                  json={"Action": "allow"}, timeout=10).raise_for_status()
         keys = cgen.KeyFds(fetch_pem(addr, "web"))
         port = free_port()
         server = Proc(python_script("server.py", "--kind", "native-intentions", "--port",

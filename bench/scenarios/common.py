@@ -159,6 +159,29 @@ class Pem:
     uri: str
 
 
+def start_agent_allowing(source: str = "web", destination: str = "api") -> tuple[Proc, str]:
+    """A dev agent (``agent.py``) with an allow intention ``source`` -> ``destination``.
+
+    Returns the process and its HTTP address; the caller closes the process.
+    """
+    import urllib.request
+
+    agent = Proc(python_script("agent.py"), name="agent", stdin=subprocess.PIPE)
+    try:
+        assert agent.popen.stdout is not None
+        addr = agent.popen.stdout.readline().decode().split()[1]
+        request = urllib.request.Request(
+            f"http://{addr}/v1/connect/intentions/exact?source={source}"
+            f"&destination={destination}",
+            data=b'{"Action": "allow"}', method="PUT")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            r.read()
+    except BaseException:
+        agent.close()
+        raise
+    return agent, addr
+
+
 def fetch_pem(agent_addr: str, service: str) -> Pem:
     """Ask the agent for ``service``'s leaf and the current roots (PEM text)."""
     # urllib, not httpx: the load generator starts once per measurement and httpx

@@ -1,11 +1,12 @@
-"""The ASGI server's write coalescing: the writes of one loop step leave as one write."""
+"""Write coalescing over the event loop's own TLS: the writes of one loop step leave as
+one write."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from consul_connect.integrations.asgi import _CoalescingTransport
+from consul_connect.integrations._tlsserver import CoalescingTransport
 
 
 class FakeTransport(asyncio.Transport):
@@ -44,7 +45,7 @@ async def a_loop_step() -> None:
 
 async def test_writes_of_one_step_leave_together_after_the_step() -> None:
     wire = FakeTransport()
-    t = _CoalescingTransport(wire, asyncio.get_running_loop())
+    t = CoalescingTransport(wire, asyncio.get_running_loop())
     t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
     t.write(b"")
     t.writelines([b"o", b"k"])
@@ -59,9 +60,9 @@ async def test_writes_of_one_step_leave_together_after_the_step() -> None:
 
 async def test_a_large_write_goes_out_at_once_after_what_was_held() -> None:
     wire = FakeTransport()
-    t = _CoalescingTransport(wire, asyncio.get_running_loop())
+    t = CoalescingTransport(wire, asyncio.get_running_loop())
     t.write(b"head")
-    big = b"x" * _CoalescingTransport.FLUSH_AT
+    big = b"x" * CoalescingTransport.FLUSH_AT
     t.write(big)
     assert wire.writes == [b"head" + big]
     await a_loop_step()
@@ -71,7 +72,7 @@ async def test_a_large_write_goes_out_at_once_after_what_was_held() -> None:
 async def test_close_sends_what_is_held_and_abort_drops_it() -> None:
     loop = asyncio.get_running_loop()
     wire = FakeTransport()
-    t = _CoalescingTransport(wire, loop)
+    t = CoalescingTransport(wire, loop)
     t.write(b"last words")
     t.close()
     assert wire.writes == [b"last words"] and wire.closed
@@ -80,7 +81,7 @@ async def test_close_sends_what_is_held_and_abort_drops_it() -> None:
     assert wire.writes == [b"last words"]
 
     wire = FakeTransport()
-    t = _CoalescingTransport(wire, loop)
+    t = CoalescingTransport(wire, loop)
     t.write(b"never sent")
     t.abort()
     await a_loop_step()
@@ -89,7 +90,7 @@ async def test_close_sends_what_is_held_and_abort_drops_it() -> None:
 
 async def test_everything_else_is_the_wrapped_transports() -> None:
     wire = FakeTransport()
-    t = _CoalescingTransport(wire, asyncio.get_running_loop())
+    t = CoalescingTransport(wire, asyncio.get_running_loop())
     assert t.get_extra_info("peername") == ("127.0.0.1", 1)
     assert t.get_extra_info("ssl_object", "none") == "none"
     t.pause_reading()
@@ -99,7 +100,7 @@ async def test_everything_else_is_the_wrapped_transports() -> None:
 
 async def test_a_buffer_the_caller_reuses_is_sent_as_it_was_written() -> None:
     wire = FakeTransport()
-    t = _CoalescingTransport(wire, asyncio.get_running_loop())
+    t = CoalescingTransport(wire, asyncio.get_running_loop())
     buf = bytearray(b"first")
     t.write(buf)
     buf[:] = b"XXXXX"

@@ -31,7 +31,7 @@ from typing import Any
 
 from consul_connect.tls import _NOT_FINISHED, HandshakeFailureHook
 
-__all__ = ["TLSServer", "TLSSocketTransport", "bind_socket"]
+__all__ = ["CoalescingTransport", "TLSServer", "TLSSocketTransport", "bind_socket"]
 
 log = logging.getLogger("consul_connect.asgi")
 
@@ -90,11 +90,127 @@ def _is_eof(exc: ssl.SSLError) -> bool:
     )
 
 
-class TLSSocketTransport(asyncio.Transport):
-    """One established TLS connection, for one protocol (see the module docstring)."""
+class _WriteCoalescing:
+    """Holds the writes of one event-loop step and hands them to ``_flush`` as one.
+
+    uvicorn writes a response's head and its body separately; over TLS each write would
+    be a record of its own and a ``send()``. A write that brings the held bytes to
+    :data:`FLUSH_AT` or more is flushed at once.
+    """
 
     FLUSH_AT = 64 * 1024
-    """Held (coalesced) bytes that are sent at once instead of at the end of the step."""
+
+    _loop: asyncio.AbstractEventLoop
+    _held: list[bytes]
+    _held_size: int
+    _flush_scheduled: bool
+
+    def _init_coalescing(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._held = []
+        self._held_size = 0
+        self._flush_scheduled = False
+
+    def _hold(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        # The caller may reuse a bytearray or memoryview once write() returns.
+        self._held.append(data if isinstance(data, bytes) else bytes(data))
+        self._held_size += len(data)
+        if self._held_size >= self.FLUSH_AT:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _take_held(self) -> bytes:
+        """What is held, as one bytes object (empty if nothing); nothing is held after."""
+        self._flush_scheduled = False
+        held = self._held
+        if not held:
+            return b""
+        self._held, self._held_size = [], 0
+        return held[0] if len(held) == 1 else b"".join(held)
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+
+class CoalescingTransport(_WriteCoalescing, asyncio.Transport):
+    """Another transport (the event loop's own TLS), with the writes of one step sent as one.
+
+    ``close`` sends what is held first, ``abort`` drops it; everything else is the
+    wrapped transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._init_coalescing(loop)
+        self._transport = transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hold(data)
+
+    def _flush(self) -> None:
+        data = self._take_held()
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held, self._held_size = [], 0
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._held_size + self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
+class TLSSocketTransport(_WriteCoalescing, asyncio.Transport):
+    """One established TLS connection, for one protocol (see the module docstring)."""
 
     def __init__(
         self,
@@ -103,7 +219,7 @@ class TLSSocketTransport(asyncio.Transport):
         server: TLSServer | None = None,
     ) -> None:
         super().__init__()
-        self._loop = loop
+        self._init_coalescing(loop)
         self._sock = sock
         self._fd = sock.fileno()
         # The C-level connection object: reading and writing through it skips two
@@ -121,9 +237,6 @@ class TLSSocketTransport(asyncio.Transport):
         self._read_paused = False
         self._read_needs_write = False  # SSL_read asked for the socket to be writable
         self._write_needs_read = False  # SSL_write asked for the socket to be readable
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self._flush_scheduled = False
         self._blocked: bytes | None = None  # an SSL_write to repeat with the same bytes
         self._backlog: collections.deque[bytes] = collections.deque()
         self._backlog_size = 0
@@ -256,29 +369,11 @@ class TLSSocketTransport(asyncio.Transport):
             if self._writes_after_close == 5:
                 log.warning("write() on a closed TLS connection (ignored)")
             return
-        if not data:
-            return
-        # The caller may reuse a bytearray or memoryview once write() returns.
-        self._held.append(data if isinstance(data, bytes) else bytes(data))
-        self._held_size += len(data)
-        if self._held_size >= self.FLUSH_AT:
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        for data in list_of_data:
-            self.write(data)
+        self._hold(data)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        if not self._held:
-            return
-        held = self._held
-        data = held[0] if len(held) == 1 else b"".join(held)
-        self._held, self._held_size = [], 0
-        if self._closed:
+        data = self._take_held()
+        if not data or self._closed:
             return
         if self._blocked is not None:
             self._queue(data)

@@ -54,7 +54,7 @@ import contextlib
 import logging
 import posixpath
 import socket
-from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any, Literal
 
 import uvicorn
@@ -65,7 +65,12 @@ from consul_connect.authz.intentions import Decision
 from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
 from consul_connect.integrations._common import request_denied
-from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport, bind_socket
+from consul_connect.integrations._tlsserver import (
+    CoalescingTransport,
+    TLSServer,
+    TLSSocketTransport,
+    bind_socket,
+)
 from consul_connect.service import Service
 from consul_connect.tls import peer_identity
 
@@ -233,98 +238,6 @@ class IntentionsMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-# ---------------------------------------------------------------- write coalescing
-
-
-class _CoalescingTransport(asyncio.Transport):
-    """The connection's transport, with the writes of one event-loop step sent as one.
-
-    uvicorn writes a response's head and its body separately; over TLS each write becomes
-    a record of its own and a ``send()``. Holding them until the step ends sends one record
-    and one ``send()`` per response. A write that brings the held bytes to
-    :data:`FLUSH_AT` or more goes out at once; ``close`` sends what is held first, ``abort``
-    drops it. Everything else is the wrapped transport's.
-    """
-
-    FLUSH_AT = 64 * 1024
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._transport = transport
-        self._loop = loop
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self._flush_scheduled = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        # The caller may reuse a bytearray or memoryview once write() returns.
-        self._held.append(data if isinstance(data, bytes) else bytes(data))
-        self._held_size += len(data)
-        if self._held_size >= self.FLUSH_AT:
-            self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        held, self._held, self._held_size = self._held, [], 0
-        if not held or self._transport.is_closing():
-            return
-        self._transport.write(held[0] if len(held) == 1 else b"".join(held))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._held, self._held_size = [], 0
-        self._transport.abort()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
-
-    def get_write_buffer_size(self) -> int:
-        return self._held_size + self._transport.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._transport.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._transport.get_protocol()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-
 # ------------------------------------------------------------------- connection check
 
 
@@ -363,7 +276,7 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
         def connection_made(self, transport: asyncio.Transport) -> None:
             if not isinstance(transport, TLSSocketTransport):  # that one coalesces itself
                 # uvicorn's protocol sees (and writes to) the coalescing wrapper.
-                transport = _CoalescingTransport(transport, self.loop)
+                transport = CoalescingTransport(transport, self.loop)
             super().connection_made(transport)
             self._cc_buffer = []
             ssl_obj = transport.get_extra_info("ssl_object")
