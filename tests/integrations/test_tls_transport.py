@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -459,6 +460,34 @@ def test_a_tls_1_2_client_is_served_and_closed_cleanly(loop: str) -> None:
         protocol.transport.close()
         assert await reader.read() == b""  # close_notify, then EOF
         await wait_until_async(lambda: "lost" in protocol.events, what="connection lost")
+        writer.close()
+        await f.stop()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_garbage_after_the_handshake_loses_that_connection_only(loop: str) -> None:
+    async def main() -> None:
+        f = Fixture()
+        f.configure = lambda p: setattr(p, "on_data", lambda p, d: p.transport.write(d))
+        f.start()
+
+        def corrupt() -> None:
+            with f.blocking_client() as sock:
+                sock.sendall(b"fine")
+                assert sock.recv(4) == b"fine"
+                # Bytes that are not a TLS record, on the same TCP stream.
+                with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+                    raw.sendall(b"\x17\x03\x03\x00\x10" + b"\x00" * 16 + b"GET / HTTP/1.1\r\n")
+
+        await asyncio.to_thread(corrupt)
+        first = await f.protocol()
+        await wait_until_async(lambda: "lost" in first.events, what="corrupt connection lost")
+        assert isinstance(first.lost[0], ssl.SSLError)
+        reader, writer = await f.connect()
+        writer.write(b"next")
+        assert await reader.readexactly(4) == b"next"
         writer.close()
         await f.stop()
 
