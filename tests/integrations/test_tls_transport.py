@@ -492,3 +492,32 @@ def test_garbage_after_the_handshake_loses_that_connection_only(loop: str) -> No
         await f.stop()
 
     run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_context_that_cannot_wrap_refuses_the_connection_and_serving_goes_on(
+    loop: str,
+) -> None:
+    class NotReady:
+        def wrap_socket(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("no certificate yet")
+
+    async def main() -> None:
+        f = Fixture()
+        f.start()
+        assert f.server is not None
+        good = f.server.context
+        f.server.context = NotReady()  # type: ignore[assignment]
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            await f.connect()
+        await wait_until_async(lambda: len(f.failures) == 1, what="refusal reported")
+        assert "no certificate yet" in f.failures[0]
+        f.server.context = good
+        _reader, writer = await f.connect()
+        writer.write(b"ok")
+        protocol = await f.protocol()
+        await wait_until_async(lambda: protocol.received == b"ok", what="served again")
+        writer.close()
+        await f.stop()
+
+    run_on(loop, main)

@@ -750,6 +750,11 @@ class TLSServer:
                 raw.close()
                 self._handshake_failed(f"connection lost before the TLS handshake: {exc}")
                 continue
+            except Exception as exc:  # e.g. no certificate to serve yet: refuse, go on
+                raw.close()
+                log.warning("cannot start a TLS handshake: %s", exc)
+                self._handshake_failed(f"cannot start a TLS handshake: {exc}")
+                continue
             handshake = _Handshake(self, sock)
             self._handshakes.add(handshake)
             # The ClientHello is often there already: no need to wait a loop turn.
