@@ -13,7 +13,10 @@ both ways, ``close`` sends what is buffered then ``close_notify``, ``abort`` dro
 ``eof_received`` on the peer's ``close_notify`` or EOF, ``get_extra_info`` with
 ``ssl_object``, ``peercert``, ``sslcontext``, ``peername``, ``sockname``, ``socket``.
 
-Private: :mod:`consul_connect.integrations.asgi` is the contract.
+The ASGI and aiohttp servers use it (their ``tls_transport="direct"``, the default);
+``CoalescingTransport`` gives the event loop's own TLS transport the same one-write-per-step
+behaviour. Private: :mod:`consul_connect.integrations.asgi` and
+:mod:`consul_connect.integrations.aiohttp` are the contract.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from consul_connect.tls import _NOT_FINISHED, HandshakeFailureHook
 
 __all__ = ["CoalescingTransport", "TLSServer", "TLSSocketTransport", "bind_socket"]
 
-log = logging.getLogger("consul_connect.asgi")
+log = logging.getLogger("consul_connect.integrations.tls")
 
 _ACCEPTS_PER_WAKEUP = 32
 """Connections taken from the backlog per readiness event (the rest wait a loop turn)."""
@@ -60,11 +63,6 @@ first avoids that.
 
 _ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-_CONNECTION_GONE = (
-    BrokenPipeError,
-    ConnectionResetError,
-    ConnectionAbortedError,
-)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -572,9 +570,9 @@ class TLSSocketTransport(_WriteCoalescing, asyncio.Transport):
         self._sock.close()
 
     def _fatal(self, exc: Exception, message: str) -> None:
-        if isinstance(exc, (*_CONNECTION_GONE, ssl.SSLError)):
+        if isinstance(exc, OSError):  # the peer went away, or sent what is not TLS
             log.debug("%s: %s", message, exc)
-        elif not isinstance(exc, OSError):
+        else:
             self._loop.call_exception_handler(
                 {
                     "message": message,
