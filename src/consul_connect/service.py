@@ -27,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from consul_connect._runtime import Runtime
+from consul_connect._tlsserver import TLSServer, bind_socket
 from consul_connect.agent.config import AgentConfig
 from consul_connect.authz.authorizers import AgentAuthorizer, Authorizer, IntentionAuthorizer
 from consul_connect.authz.intentions import Decision
@@ -65,6 +66,9 @@ __all__ = [
     "ServiceStatistics",
     "get_peer_identity",
 ]
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+"""What :meth:`Service.start_server` calls for each authorized connection."""
 
 log = logging.getLogger("consul_connect")
 
@@ -231,7 +235,7 @@ class Service:
         self._close_denied = close_denied_connections
         self._session_tickets = session_tickets
         self._listeners: list[ConnectListener] = []
-        self._servers: list[tuple[asyncio.AbstractEventLoop, asyncio.Server]] = []
+        self._servers: list[tuple[asyncio.AbstractEventLoop, asyncio.AbstractServer]] = []
         self._resolvers: dict[str, Resolver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._hub: Any = None
@@ -824,13 +828,37 @@ class Service:
 
     # -- accepting: asyncio -----------------------------------------------------
 
+    @overload
     async def start_server(
         self,
-        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        handler: StreamHandler,
+        host: str = ...,
+        port: int = ...,
+        *,
+        tls_transport: Literal["asyncio"] = ...,
+        **kwargs: Any,
+    ) -> asyncio.Server: ...
+
+    @overload
+    async def start_server(
+        self,
+        handler: StreamHandler,
+        host: str = ...,
+        port: int = ...,
+        *,
+        tls_transport: Literal["direct"],
+        **kwargs: Any,
+    ) -> TLSServer: ...
+
+    async def start_server(
+        self,
+        handler: StreamHandler,
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        tls_transport: Literal["asyncio", "direct"] = "asyncio",
         **kwargs: Any,
-    ) -> asyncio.Server:
+    ) -> asyncio.Server | TLSServer:
         """Serve Connect mTLS on the running loop; like ``asyncio.start_server``.
 
         Every handshake uses the newest leaf and roots; ``handler(reader, writer)``
@@ -838,13 +866,22 @@ class Service:
         any byte is read. :func:`get_peer_identity(writer)` gives the caller.
         ``ssl_handshake_timeout`` (default 10 s) bounds each handshake; failed
         handshakes are refused, counted and reported like denied peers.
+
+        ``tls_transport="direct"`` lets OpenSSL read and write each connection's socket
+        itself (less CPU per message than the event loop's TLS, the default) and returns a
+        server with ``asyncio.Server``'s everyday surface (``close``, ``wait_closed``,
+        ``serve_forever``, ``sockets``, ``async with``); of ``asyncio.start_server``'s
+        options it takes ``limit`` and ``backlog`` (others are a ``ConfigError``).
         """
+        if tls_transport not in ("asyncio", "direct"):
+            raise ConfigError(f"tls_transport must be 'asyncio' or 'direct', not {tls_transport!r}")
         await self.wait_ready_async()
         handshake_timeout = float(kwargs.pop("ssl_handshake_timeout", HANDSHAKE_TIMEOUT))
+        loop = asyncio.get_running_loop()
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            # The loop has done the handshake (a failed one is counted and logged by the
-            # server context's hook); authorize before the handler sees a byte.
+            # The handshake is done (a failed one is counted and logged by the server
+            # context's hook or the direct server); authorize before the handler sees a byte.
             ssl_obj = writer.get_extra_info("ssl_object")
             try:
                 identity = await self.authorize_peer_async(ssl_obj)
@@ -852,7 +889,6 @@ class Service:
                 writer.transport.abort()
                 return
             _remember_stream_peer(identity, writer)
-            loop = asyncio.get_running_loop()
             transport = writer.transport
 
             def close() -> None:
@@ -864,16 +900,58 @@ class Service:
             finally:
                 self._untrack(token)
 
-        server = await asyncio.start_server(
-            on_connect,
-            host,
-            port,
-            ssl=self._server_ctx,
-            ssl_handshake_timeout=handshake_timeout,
-            **kwargs,
-        )
-        self._servers.append((asyncio.get_running_loop(), server))
+        server: asyncio.Server | TLSServer
+        if tls_transport == "asyncio":
+            server = await asyncio.start_server(
+                on_connect,
+                host,
+                port,
+                ssl=self._server_ctx,
+                ssl_handshake_timeout=handshake_timeout,
+                **kwargs,
+            )
+        else:
+            server = self._direct_stream_server(
+                on_connect, host, port, handshake_timeout, kwargs
+            )
+        self._servers.append((loop, server))
         return server
+
+    def _direct_stream_server(
+        self,
+        on_connect: StreamHandler,
+        host: str,
+        port: int,
+        handshake_timeout: float,
+        options: dict[str, Any],
+    ) -> TLSServer:
+        limit = int(options.pop("limit", 2**16))
+        backlog = int(options.pop("backlog", 100))
+        if options:
+            raise ConfigError(
+                "start_server(tls_transport='direct') does not take "
+                + ", ".join(sorted(options))
+            )
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.BaseProtocol:
+            reader = asyncio.StreamReader(limit=limit, loop=loop)
+            return asyncio.StreamReaderProtocol(reader, on_connect, loop=loop)
+
+        sock = bind_socket(host, port)
+        try:
+            return TLSServer(
+                loop,
+                sock,
+                self._server_ctx,
+                protocol,
+                handshake_timeout=handshake_timeout,
+                on_handshake_failure=self._handshake_failed,
+                backlog=backlog,
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     # -- accepting: sync ----------------------------------------------------------
 

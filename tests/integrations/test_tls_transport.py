@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from consul_connect.integrations import _tlsserver
-from consul_connect.integrations._tlsserver import TLSServer, TLSSocketTransport
+from consul_connect import _tlsserver
+from consul_connect._tlsserver import TLSServer, TLSSocketTransport
 from consul_connect.testing import TestCA
 from consul_connect.tls import TLSMaterial, load_cert_chain_from_memory
 from tests.integrations import wait_until_async

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from consul_connect.integrations._tlsserver import CoalescingTransport
+from consul_connect._tlsserver import CoalescingTransport
 
 
 class FakeTransport(asyncio.Transport):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import BaseConnector, ClientSession, web
 from aiohttp.typedefs import Middleware
 
+from consul_connect._tlsserver import TLSServer, bind_socket
 from consul_connect.discovery import Endpoint
 from consul_connect.errors import ConfigError, ConsulConnectError, PeerRejected
 from consul_connect.identity import ServiceIdentity
@@ -48,7 +49,6 @@ from consul_connect.integrations._common import (
     request_denied,
     try_endpoints,
 )
-from consul_connect.integrations._tlsserver import TLSServer, bind_socket
 from consul_connect.integrations.httpx import DEFAULT_MAX_CONNECTION_AGE
 from consul_connect.service import Service
 from consul_connect.tls import HANDSHAKE_TIMEOUT, peer_identity, verify_server_identity

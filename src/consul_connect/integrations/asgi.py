@@ -60,17 +60,17 @@ from typing import Any, Literal
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from consul_connect.authz.authorizers import IntentionAuthorizer
-from consul_connect.authz.intentions import Decision
-from consul_connect.errors import ConfigError, PeerRejected
-from consul_connect.identity import ServiceIdentity
-from consul_connect.integrations._common import request_denied
-from consul_connect.integrations._tlsserver import (
+from consul_connect._tlsserver import (
     CoalescingTransport,
     TLSServer,
     TLSSocketTransport,
     bind_socket,
 )
+from consul_connect.authz.authorizers import IntentionAuthorizer
+from consul_connect.authz.intentions import Decision
+from consul_connect.errors import ConfigError, PeerRejected
+from consul_connect.identity import ServiceIdentity
+from consul_connect.integrations._common import request_denied
 from consul_connect.service import Service
 from consul_connect.tls import peer_identity
 

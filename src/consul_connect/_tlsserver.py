@@ -13,10 +13,10 @@ both ways, ``close`` sends what is buffered then ``close_notify``, ``abort`` dro
 ``eof_received`` on the peer's ``close_notify`` or EOF, ``get_extra_info`` with
 ``ssl_object``, ``peercert``, ``sslcontext``, ``peername``, ``sockname``, ``socket``.
 
-The ASGI and aiohttp servers use it (their ``tls_transport="direct"``, the default);
-``CoalescingTransport`` gives the event loop's own TLS transport the same one-write-per-step
-behaviour. Private: :mod:`consul_connect.integrations.asgi` and
-:mod:`consul_connect.integrations.aiohttp` are the contract.
+The ASGI and aiohttp servers use it (their ``tls_transport="direct"``, the default), as
+does ``Service.start_server(..., tls_transport="direct")``. ``CoalescingTransport`` gives
+the event loop's own TLS transport the same one-write-per-step behaviour. Private: those
+three are the contract.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from consul_connect.tls import _NOT_FINISHED, HandshakeFailureHook
 
 __all__ = ["CoalescingTransport", "TLSServer", "TLSSocketTransport", "bind_socket"]
 
-log = logging.getLogger("consul_connect.integrations.tls")
+log = logging.getLogger("consul_connect.tlsserver")
 
 _ACCEPTS_PER_WAKEUP = 32
 """Connections taken from the backlog per readiness event (the rest wait a loop turn)."""
@@ -678,15 +678,15 @@ class _Handshake:
         self.server._handshake_failed(reason)
 
 
-class TLSServer:
+class TLSServer(asyncio.AbstractServer):
     """Accepts TLS connections on a listening socket and serves each with a new protocol.
 
     ``context`` wraps every accepted socket (a dynamic context picks the newest
     certificate per connection). A handshake must finish within ``handshake_timeout``
     seconds; a failed or abandoned one is closed and reported to
-    ``on_handshake_failure(reason)``. Has the parts of ``asyncio.Server`` that servers
-    built on it use: :meth:`close`, :meth:`wait_closed`, :meth:`is_serving`,
-    :attr:`sockets`.
+    ``on_handshake_failure(reason)``. Serves from construction on; used like an
+    ``asyncio.Server``: :meth:`close`, :meth:`wait_closed`, :meth:`serve_forever`,
+    :meth:`is_serving`, :attr:`sockets`, ``async with``.
     """
 
     def __init__(
@@ -709,9 +709,28 @@ class TLSServer:
         self._handshakes: set[_Handshake] = set()
         self._lingering: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
         self._serving = True
+        self._stopped: asyncio.Future[None] = loop.create_future()
         sock.setblocking(False)
         sock.listen(backlog)
         loop.add_reader(sock.fileno(), self._accept)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this server runs on."""
+        return self.loop
+
+    async def start_serving(self) -> None:
+        """Nothing to do: the server accepts connections from construction on."""
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed; cancelling the wait closes it."""
+        if not self._serving:
+            raise RuntimeError("the server is closed")
+        try:
+            await asyncio.shield(self._stopped)
+        except asyncio.CancelledError:
+            self.close()
+            await self.wait_closed()
+            raise
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -820,6 +839,8 @@ class TLSServer:
         if not self._serving:
             return
         self._serving = False
+        if not self._stopped.done():
+            self._stopped.set_result(None)
         with contextlib.suppress(ValueError, OSError):  # the socket may be closed already
             self.loop.remove_reader(self._sock.fileno())
         self._sock.close()
