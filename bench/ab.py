@@ -1,8 +1,10 @@
 """A/B of the native server's two TLS transports, in one script, two-host placement.
 
-``python bench/ab.py [--http h11|httptools] [--loop asyncio|uvloop] [--mode keep|conn]
-[--rounds 6] [--duration 3]`` starts a dev agent and two native servers
-(``serve(..., tls_transport="asyncio")`` and ``"direct"``), pins them and the agent to
+``python bench/ab.py [--app asgi|tcp] [--http h11|httptools] [--loop asyncio|uvloop]
+[--mode keep|conn] [--rounds 6] [--duration 3]`` starts a dev agent and two native
+servers (``serve(..., tls_transport="asyncio")`` and ``"direct"``; with ``--app tcp`` a raw
+``Service.start_server`` answering each request with a fixed response, on each transport;
+``--http`` and ``--loop`` apply to the ASGI app), pins them and the agent to
 CPU 0, and drives each in turn from the C load generator on CPU 1, alternating the order
 every round. It prints the server CPU per request of each round and the medians: the
 "before and after" of the direct transport, measured the way the two-host view is. Needs
@@ -37,6 +39,7 @@ def _pin(proc: Proc, cpu: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--app", choices=["asgi", "tcp"], default="asgi")
     parser.add_argument("--http", choices=["h11", "httptools"], default="httptools")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--mode", choices=["keep", "conn"], default="keep")
@@ -53,10 +56,15 @@ def main() -> int:
     try:
         for transport in TRANSPORTS:
             port = free_port()
-            servers[transport] = (Proc(python_script(
-                "server.py", "--kind", "native-intentions", "--port", str(port), "--agent", addr,
-                "--http", args.http, "--loop", args.loop, "--tls-transport", transport,
-                *(["--no-tickets"] if args.mode == "conn" else [])), name=transport), port)
+            if args.app == "tcp":
+                command = python_script("tcp_server.py", "--agent", addr, "--port", str(port),
+                                        "--tls-transport", transport)
+            else:
+                command = python_script(
+                    "server.py", "--kind", "native-intentions", "--port", str(port), "--agent",
+                    addr, "--http", args.http, "--loop", args.loop, "--tls-transport", transport,
+                    *(["--no-tickets"] if args.mode == "conn" else []))
+            servers[transport] = (Proc(command, name=transport), port)
         for proc, port in servers.values():
             wait_port(port, 60, proc.popen)
             _pin(proc, SERVER_CPU)
@@ -81,7 +89,8 @@ def main() -> int:
                 print(f"round {rnd + 1} {transport:8s} {result['rps']:9.0f} req/s "
                       f"{per_request[transport][-1]:8.1f} µs server CPU per request", flush=True)
         for transport, values in per_request.items():
-            print(f"{args.http} {args.loop} {args.mode} {transport:8s} median "
+            what = "tcp" if args.app == "tcp" else f"{args.http} {args.loop}"
+            print(f"{what} {args.mode} {transport:8s} median "
                   f"{statistics.median(values):8.1f} µs per request (min {min(values):.1f}, "
                   f"max {max(values):.1f})")
     finally:
