@@ -34,7 +34,13 @@ from typing import Any
 
 from consul_connect.tls import _NOT_FINISHED, HandshakeFailureHook
 
-__all__ = ["CoalescingTransport", "TLSServer", "TLSSocketTransport", "bind_socket"]
+__all__ = [
+    "CoalescingTransport",
+    "TLSServer",
+    "TLSSocketTransport",
+    "bind_socket",
+    "open_stream",
+]
 
 log = logging.getLogger("consul_connect.tlsserver")
 
@@ -618,6 +624,86 @@ class TLSSocketTransport(_WriteCoalescing, asyncio.Transport):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "closing" if self._closing else "open"
         return f"<TLSSocketTransport fd={self._fd} {state}>"
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Wait until ``fd`` is readable (or writable)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def open_stream(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    *,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Dial ``host:port``, run the client side of a TLS handshake with ``context`` and
+    return asyncio streams over a :class:`TLSSocketTransport`.
+
+    The caller bounds the time (cancelling closes the socket) and checks the server's
+    identity. Raises ``OSError`` (``ssl.SSLError`` included) when the connection or the
+    handshake fails.
+    """
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    raw: socket.socket | None = None
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        candidate = socket.socket(family, kind, proto)
+        try:
+            candidate.setblocking(False)
+            candidate.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(candidate, address)
+        except OSError as exc:
+            candidate.close()
+            error = exc
+            continue
+        except BaseException:
+            candidate.close()
+            raise
+        raw = candidate
+        break
+    if raw is None:
+        raise error or OSError(f"no address for {host}:{port}")
+    try:
+        tls = context.wrap_socket(raw, server_hostname=None, do_handshake_on_connect=False)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await _ready(loop, tls.fileno(), write=False)
+            except ssl.SSLWantWriteError:
+                await _ready(loop, tls.fileno(), write=True)
+        transport = TLSSocketTransport(loop, tls)
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.start(protocol)
+    except BaseException:
+        tls.close()
+        raise
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 class _Handshake:

@@ -1,5 +1,6 @@
-"""``Service.start_server`` on either TLS transport: the event loop's own TLS (the default)
-or OpenSSL on the socket (``tls_transport="direct"``); the same guarantees on both."""
+"""``Service.start_server`` and ``Service.open_connection`` on either TLS transport: the
+event loop's own TLS (the default) or OpenSSL on the socket (``tls_transport="direct"``);
+the same guarantees on both."""
 
 from __future__ import annotations
 
@@ -53,19 +54,24 @@ async def services() -> AsyncIterator[Services]:
         await svc.aclose()
 
 
+@pytest.mark.parametrize("client", TRANSPORTS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_an_allowed_caller_is_served_with_its_identity_and_a_stranger_is_not(
-    services: Services, transport: Any
+    services: Services, transport: Any, client: Any
 ) -> None:
     server = await services.api.start_server(services.echo, tls_transport=transport)
     payload = bytes(range(256)) * 4096  # 1 MiB: flow control on both sides
-    reader, writer = await services.web.open_connection(services.endpoint(server), timeout=5)
+    reader, writer = await services.web.open_connection(
+        services.endpoint(server), timeout=5, tls_transport=client
+    )
     writer.write(payload)
     await writer.drain()
     assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
     writer.close()
     with contextlib.suppress(ConnectionError, DialError, OSError):
-        r2, w2 = await services.billing.open_connection(services.endpoint(server), timeout=5)
+        r2, w2 = await services.billing.open_connection(
+            services.endpoint(server), timeout=5, tls_transport=client
+        )
         w2.write(b"let me in")
         assert await asyncio.wait_for(r2.read(), 5) == b""
         w2.close()
@@ -124,3 +130,46 @@ async def test_unknown_transports_and_options_are_config_errors(services: Servic
         await services.api.start_server(services.echo, tls_transport="kernel")  # type: ignore[call-overload]
     with pytest.raises(ConfigError, match="reuse_port"):
         await services.api.start_server(services.echo, tls_transport="direct", reuse_port=True)
+
+
+async def test_a_direct_client_resumes_and_checks_the_server_identity(
+    services: Services,
+) -> None:
+    server = await services.api.start_server(services.echo)
+    reused = []
+    for _ in range(2):
+        reader, writer = await services.web.open_connection(
+            services.endpoint(server), timeout=5, tls_transport="direct"
+        )
+        writer.write(b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+        assert get_peer_identity(writer) == services.api.identity
+        reused.append(writer.get_extra_info("ssl_object").session_reused)
+        writer.close()
+    assert reused == [False, True]
+    impostor = Endpoint(
+        "127.0.0.1", server.sockets[0].getsockname()[1], services.billing.identity
+    )
+    with pytest.raises(DialError, match="billing"):
+        await services.web.open_connection(impostor, timeout=5, tls_transport="direct")
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_direct_client_gives_up_on_a_silent_server_within_its_deadline(
+    services: Services,
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers the ClientHello
+
+    plain = await asyncio.start_server(silent, "127.0.0.1", 0)
+    endpoint = Endpoint("127.0.0.1", plain.sockets[0].getsockname()[1], services.api.identity)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DialError):
+        await services.web.open_connection(endpoint, timeout=0.5, tls_transport="direct")
+    assert loop.time() - started < 5
+    plain.close()
+    await plain.wait_closed()
+    with pytest.raises(ConfigError, match="ssl"):
+        await services.web.open_connection(endpoint, tls_transport="direct", ssl=None)
