@@ -13,10 +13,11 @@ both ways, ``close`` sends what is buffered then ``close_notify``, ``abort`` dro
 ``eof_received`` on the peer's ``close_notify`` or EOF, ``get_extra_info`` with
 ``ssl_object``, ``peercert``, ``sslcontext``, ``peername``, ``sockname``, ``socket``.
 
-The ASGI and aiohttp servers use it (their ``tls_transport="direct"``, the default), as
-does ``Service.start_server(..., tls_transport="direct")``. ``CoalescingTransport`` gives
-the event loop's own TLS transport the same one-write-per-step behaviour. Private: those
-three are the contract.
+The ASGI and aiohttp servers use it (their ``tls_transport="direct"``, the default), as do
+``Service.start_server`` and ``Service.open_connection`` with ``tls_transport="direct"``
+(:func:`open_stream` is the dialling side). ``CoalescingTransport`` gives the event loop's
+own TLS transport the same one-write-per-step behaviour. Private: those callers are the
+contract.
 """
 
 from __future__ import annotations
