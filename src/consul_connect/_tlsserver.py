@@ -33,6 +33,7 @@ from asyncio import trsock
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from consul_connect.errors import ConfigError
 from consul_connect.tls import _NOT_FINISHED, HandshakeFailureHook
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "TLSServer",
     "TLSSocketTransport",
     "bind_socket",
+    "check_transport",
     "open_stream",
 ]
 
@@ -70,6 +72,12 @@ first avoids that.
 
 _ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
+
+
+def check_transport(tls_transport: str) -> None:
+    """Raise ``ConfigError`` unless ``tls_transport`` is "direct" or "asyncio"."""
+    if tls_transport not in ("direct", "asyncio"):
+        raise ConfigError(f"tls_transport must be 'direct' or 'asyncio', not {tls_transport!r}")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

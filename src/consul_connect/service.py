@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, Literal, overload
 
 from consul_connect._runtime import Runtime
-from consul_connect._tlsserver import TLSServer, bind_socket, open_stream
+from consul_connect._tlsserver import TLSServer, bind_socket, check_transport, open_stream
 from consul_connect.agent.config import AgentConfig
 from consul_connect.authz.authorizers import AgentAuthorizer, Authorizer, IntentionAuthorizer
 from consul_connect.authz.intentions import Decision
@@ -873,8 +873,7 @@ class Service:
         ``serve_forever``, ``sockets``, ``async with``); of ``asyncio.start_server``'s
         options it takes ``limit`` and ``backlog`` (others are a ``ConfigError``).
         """
-        if tls_transport not in ("asyncio", "direct"):
-            raise ConfigError(f"tls_transport must be 'asyncio' or 'direct', not {tls_transport!r}")
+        check_transport(tls_transport)
         await self.wait_ready_async()
         handshake_timeout = float(kwargs.pop("ssl_handshake_timeout", HANDSHAKE_TIMEOUT))
         loop = asyncio.get_running_loop()
@@ -1113,8 +1112,7 @@ class Service:
         OpenSSL read and write the socket itself (less CPU per message than the event
         loop's TLS, the default); of those options it takes only ``limit``.
         """
-        if tls_transport not in ("asyncio", "direct"):
-            raise ConfigError(f"tls_transport must be 'asyncio' or 'direct', not {tls_transport!r}")
+        check_transport(tls_transport)
         if tls_transport == "direct" and set(kwargs) - {"limit"}:
             raise ConfigError(
                 "open_connection(tls_transport='direct') does not take "

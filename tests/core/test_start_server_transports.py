@@ -126,7 +126,7 @@ async def test_closing_the_service_closes_its_direct_servers(services: Services)
 
 
 async def test_unknown_transports_and_options_are_config_errors(services: Services) -> None:
-    with pytest.raises(ConfigError, match="'asyncio' or 'direct'"):
+    with pytest.raises(ConfigError, match="'direct' or 'asyncio'"):
         await services.api.start_server(services.echo, tls_transport="kernel")  # type: ignore[call-overload]
     with pytest.raises(ConfigError, match="reuse_port"):
         await services.api.start_server(services.echo, tls_transport="direct", reuse_port=True)

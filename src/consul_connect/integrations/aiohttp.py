@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import BaseConnector, ClientSession, web
 from aiohttp.typedefs import Middleware
 
-from consul_connect._tlsserver import TLSServer, bind_socket
+from consul_connect._tlsserver import TLSServer, bind_socket, check_transport
 from consul_connect.discovery import Endpoint
 from consul_connect.errors import ConfigError, ConsulConnectError, PeerRejected
 from consul_connect.identity import ServiceIdentity
@@ -407,10 +407,7 @@ class ConnectSite(web.BaseSite):
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         tls_transport: Literal["direct", "asyncio"] = "direct",
     ) -> None:
-        if tls_transport not in ("direct", "asyncio"):
-            raise ConfigError(
-                f"tls_transport must be 'direct' or 'asyncio', not {tls_transport!r}"
-            )
+        check_transport(tls_transport)
         super().__init__(runner, backlog=backlog)
         self._service = service
         self._host = host

@@ -65,6 +65,7 @@ from consul_connect._tlsserver import (
     TLSServer,
     TLSSocketTransport,
     bind_socket,
+    check_transport,
 )
 from consul_connect.authz.authorizers import IntentionAuthorizer
 from consul_connect.authz.intentions import Decision
@@ -458,11 +459,6 @@ class _Server(uvicorn.Server):
         self.servers.extend(servers)  # type: ignore[arg-type]
 
 
-def _check_tls_transport(tls_transport: str) -> None:
-    if tls_transport not in ("direct", "asyncio"):
-        raise ConfigError(f"tls_transport must be 'direct' or 'asyncio', not {tls_transport!r}")
-
-
 def _config(
     app: ASGIApp,
     service: Service,
@@ -580,7 +576,7 @@ async def serve(
     ``ready_timeout``.
     """
     loop = asyncio.get_running_loop()
-    _check_tls_transport(tls_transport)
+    check_transport(tls_transport)
     # A ready Service also has its authorizer's first data, so early callers are not
     # refused for want of intentions.
     await service.wait_ready_async(ready_timeout)
@@ -639,7 +635,7 @@ def run(
     Same arguments and guarantees as :func:`serve`; uvicorn configures logging as usual.
     The Service is not closed on return: it belongs to the caller.
     """
-    _check_tls_transport(tls_transport)
+    check_transport(tls_transport)
     service.wait_ready(ready_timeout)
     config = _config(
         app,
