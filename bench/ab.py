@@ -1,14 +1,16 @@
 """A/B of the native server's two TLS transports, in one script, two-host placement.
 
 ``python bench/ab.py [--app asgi|tcp] [--http h11|httptools] [--loop asyncio|uvloop]
-[--mode keep|conn] [--rounds 6] [--duration 3]`` starts a dev agent and two native
-servers (``serve(..., tls_transport="asyncio")`` and ``"direct"``; with ``--app tcp`` a raw
-``Service.start_server`` answering each request with a fixed response, on each transport;
-``--http`` and ``--loop`` apply to the ASGI app), pins them and the agent to
-CPU 0, and drives each in turn from the C load generator on CPU 1, alternating the order
-every round. It prints the server CPU per request of each round and the medians: the
-"before and after" of the direct transport, measured the way the two-host view is. Needs
-two CPUs and the C load generator (``bench/setup.sh``).
+[--mode keep|conn] [--rounds 6] [--duration 3] [--with-mtls]`` starts a dev agent and two
+native servers (``serve(..., tls_transport="asyncio")`` and ``"direct"``; with ``--app
+tcp`` a raw ``Service.start_server`` answering each request with a fixed response, on each
+transport; ``--http`` and ``--loop`` apply to the ASGI app), pins them and the agent to
+CPU 0, and drives each in turn from the C load generator on CPU 1, rotating the order
+every round. ``--with-mtls`` adds plain mTLS on uvicorn (no identity check, no
+authorization), the new-connection target's baseline, as a third server. It prints the
+server CPU per request of each round and the medians: the "before and after" of the
+direct transport, measured the way the two-host view is. Needs two CPUs and the C load
+generator (``bench/setup.sh``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main() -> int:
     parser.add_argument("--mode", choices=["keep", "conn"], default="keep")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--with-mtls", action="store_true",
+                        help="also measure plain mTLS on uvicorn (the ASGI app's baseline)")
     args = parser.parse_args()
     exe = cgen.build()
     if isinstance(exe, str) or (os.cpu_count() or 1) < 2:
@@ -65,15 +69,22 @@ def main() -> int:
                     addr, "--http", args.http, "--loop", args.loop, "--tls-transport", transport,
                     *(["--no-tickets"] if args.mode == "conn" else []))
             servers[transport] = (Proc(command, name=transport), port)
+        if args.with_mtls and args.app == "asgi":
+            port = free_port()
+            servers["mtls"] = (Proc(python_script(
+                "server.py", "--kind", "mtls", "--port", str(port), "--agent", addr, "--http",
+                args.http, "--loop", args.loop,
+                *(["--no-tickets"] if args.mode == "conn" else [])), name="mtls"), port)
+        names = list(servers)
         for proc, port in servers.values():
             wait_port(port, 60, proc.popen)
             _pin(proc, SERVER_CPU)
         _pin(agent, SERVER_CPU)
         keys = cgen.KeyFds(fetch_pem(addr, "web"))
-        per_request: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        per_request: dict[str, list[float]] = {t: [] for t in names}
         for rnd in range(args.rounds):
-            order = TRANSPORTS if rnd % 2 == 0 else TRANSPORTS[::-1]
-            for transport in order:
+            k = rnd % len(names)
+            for transport in names[k:] + names[:k]:
                 proc, port = servers[transport]
                 before = proc.cpu()
                 done = subprocess.run(
