@@ -937,13 +937,25 @@ class Service:
             reader = asyncio.StreamReader(limit=limit, loop=loop)
             return asyncio.StreamReaderProtocol(reader, on_connect, loop=loop)
 
+        return self._direct_server(protocol, host, port, handshake_timeout, backlog)
+
+    def _direct_server(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        handshake_timeout: float,
+        backlog: int,
+    ) -> TLSServer:
+        """A direct-transport TLS server on ``host:port`` with this Service's newest
+        material, reporting failed handshakes here (integrations build on it too)."""
         sock = bind_socket(host, port)
         try:
             return TLSServer(
-                loop,
+                asyncio.get_running_loop(),
                 sock,
                 self._server_ctx,
-                protocol,
+                protocol_factory,
                 handshake_timeout=handshake_timeout,
                 on_handshake_failure=self._handshake_failed,
                 backlog=backlog,

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import BaseConnector, ClientSession, web
 from aiohttp.typedefs import Middleware
 
-from consul_connect._tlsserver import TLSServer, bind_socket, check_transport
+from consul_connect._tlsserver import TLSServer, check_transport
 from consul_connect.discovery import Endpoint
 from consul_connect.errors import ConfigError, ConsulConnectError, PeerRejected
 from consul_connect.identity import ServiceIdentity
@@ -440,20 +440,13 @@ class ConnectSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         listener: Any  # aiohttp only calls close() on what it keeps in _server
         if self._direct:
-            sock = bind_socket(self._host, self._port)
-            try:
-                listener = TLSServer(
-                    loop,
-                    sock,
-                    svc.server_context,
-                    lambda: _Gate(factory, svc, l7),
-                    handshake_timeout=self._handshake_timeout,
-                    on_handshake_failure=svc._handshake_failed,
-                    backlog=self._backlog,
-                )
-            except BaseException:
-                sock.close()
-                raise
+            listener = svc._direct_server(
+                lambda: _Gate(factory, svc, l7),
+                self._host,
+                self._port,
+                self._handshake_timeout,
+                self._backlog,
+            )
         else:
             listener = await loop.create_server(
                 lambda: _Gate(factory, svc, l7),
