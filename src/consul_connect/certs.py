@@ -738,13 +738,15 @@ def verify_chain(
     return found
 
 
-def verify_leaf(leaf: Leaf, roots: RootSet, now: datetime) -> None:
-    """Check that ``leaf`` is usable with ``roots`` at ``now``.
+def verify_leaf(leaf: Leaf, roots: RootSet, now: datetime) -> list[x509.Certificate]:
+    """Check that ``leaf`` is usable with ``roots`` at ``now``; return the path found.
 
     The leaf must not be a CA, and must chain to ANY root of the set, using the leaf's
     own chain and every root's ``IntermediateCerts`` as candidate intermediates (so a
     leaf of a freshly rotated-in root verifies against a peer's old root through the
-    cross-signed certificate). Raises :class:`CertificateError` if not.
+    cross-signed certificate). The path is ``[leaf, intermediate..., root]``, a root
+    of the set preferred over a longer path. Raises :class:`CertificateError` if there
+    is none.
     """
     cert = leaf.certificate
     try:
@@ -755,7 +757,7 @@ def verify_leaf(leaf: Leaf, roots: RootSet, now: datetime) -> None:
         raise CertificateError("leaf certificate is a CA certificate")
     if not roots.roots:
         raise CertificateError("the root set is empty")
-    verify_chain(
+    return verify_chain(
         cert,
         [*leaf.chain, *roots.intermediate_certificates],
         roots.root_certificates,

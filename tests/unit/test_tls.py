@@ -381,6 +381,62 @@ def test_building_material_writes_no_file_to_the_temp_dir(
     assert material.server_context.verify_mode == ssl.CERT_REQUIRED
 
 
+def certificates_sent_by(server: ssl.SSLContext) -> list[bytes]:
+    """The DER certificates ``server`` sends in its Certificate message.
+
+    A TLS 1.2 client (its certificate messages travel in the clear) over memory BIOs.
+    """
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        c.do_handshake()
+    s_in.write(c_out.read())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        s.do_handshake()
+    flight = s_out.read()
+    handshake = b""
+    while flight:  # TLS records: type, version, length
+        kind, length = flight[0], int.from_bytes(flight[3:5], "big")
+        if kind == 22:
+            handshake += flight[5 : 5 + length]
+        flight = flight[5 + length :]
+    while handshake:  # handshake messages: type, 3-byte length
+        kind, length = handshake[0], int.from_bytes(handshake[1:4], "big")
+        body, handshake = handshake[4 : 4 + length], handshake[4 + length :]
+        if kind == 11:  # Certificate: 3-byte list length, then 3-byte length + DER each
+            ders, rest = [], body[3:]
+            while rest:
+                n = int.from_bytes(rest[:3], "big")
+                ders.append(rest[3 : 3 + n])
+                rest = rest[3 + n :]
+            return ders
+    raise AssertionError("no Certificate message in the server's first flight")
+
+
+def test_a_leaf_without_chain_is_presented_with_its_root_chosen_once(
+    ca: TestCA, roots: RootSet, api_material: TLSMaterial
+) -> None:
+    # What OpenSSL would otherwise complete on every handshake, verified once at build.
+    [root] = roots.roots
+    sent = certificates_sent_by(api_material.server_context)
+    assert sent == [der_of(api_material.leaf.cert_pem), der_of(root.root_cert_pem)]
+
+
+def test_a_leaf_with_its_own_chain_is_presented_as_issued() -> None:
+    ca = TestCA()
+    ca.rotate()
+    leaf = ca.issue("api")
+    assert leaf.chain  # the cross-signed new root
+    material = TLSMaterial.build(leaf, ca.roots())
+    sent = certificates_sent_by(material.server_context)
+    assert sent == [der_of(leaf.cert_pem), *(der_of(c) for c in leaf.chain_pems)]
+
+
 def test_key_that_does_not_match_the_leaf_raises_certificate_error(ca: TestCA) -> None:
     a, b = ca.issue("api"), ca.issue("web")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
