@@ -736,7 +736,7 @@ class _Handshake:
             # The same reasons the event loops' own TLS reports (see tls.py).
             self.fail(str(exc) or type(exc).__name__)
         else:
-            self.finish()
+            self.finish(keep_reader=True)
             self.server._established(self)
 
     def wait(self, what: str) -> None:
@@ -758,9 +758,13 @@ class _Handshake:
             loop.remove_writer(self.fd)
         self.waiting = None
 
-    def finish(self) -> None:
-        """Stop the clock and the watching: the handshake is over, one way or another."""
-        self.unwatch()
+    def finish(self, *, keep_reader: bool = False) -> None:
+        """Stop the clock and the watching: the handshake is over, one way or another.
+
+        ``keep_reader``: leave a registered reader for the transport to take over.
+        """
+        if not (keep_reader and self.waiting == "r"):
+            self.unwatch()
         self.timer.cancel()
         self.server._handshakes.discard(self)
 
@@ -886,6 +890,10 @@ class TLSServer(asyncio.AbstractServer):
 
     def _established(self, handshake: _Handshake) -> None:
         transport = TLSSocketTransport(self.loop, handshake.sock, self)
+        if handshake.waiting == "r":
+            # The handshake's reader is still registered: replacing its callback
+            # costs neither event loop an epoll call, removing and adding it costs two.
+            transport._add_reader()
         try:
             protocol = self._factory()
         except Exception as exc:

@@ -73,6 +73,15 @@ def _norm_partition(partition: str) -> str:
     return ap or _DEFAULT
 
 
+@lru_cache(maxsize=4096)
+def _service_uri(trust_domain: str, partition: str, namespace: str, dc: str, svc: str) -> str:
+    # Cached: read once per connection and per request by the integrations.
+    return (
+        f"spiffe://{trust_domain}{_partition_prefix(partition)}"
+        f"/ns/{_seg(namespace or _DEFAULT)}/dc/{_seg(dc)}/svc/{_seg(svc)}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceIdentity:
     """The identity of a service: ``spiffe://<td>[/ap/<p>]/ns/<ns>/dc/<dc>/svc/<svc>``.
@@ -91,10 +100,8 @@ class ServiceIdentity:
     @property
     def uri(self) -> str:
         """The URI SAN string, segments percent-encoded where needed."""
-        return (
-            f"spiffe://{self.trust_domain}{_partition_prefix(self.partition)}"
-            f"/ns/{_seg(self.namespace or _DEFAULT)}/dc/{_seg(self.datacenter)}"
-            f"/svc/{_seg(self.service)}"
+        return _service_uri(
+            self.trust_domain, self.partition, self.namespace, self.datacenter, self.service
         )
 
     def __str__(self) -> str:

@@ -721,6 +721,19 @@ class Service:
             )
         return self._apply_decision(identity, decision, per_request_l7)
 
+    def _authorize_peer_locally(
+        self, ssl_obj: Any, *, per_request_l7: bool = False
+    ) -> ServiceIdentity | None:
+        """:meth:`authorize_peer` without the agent: None when only the agent can answer.
+
+        For servers on the event loop's thread: they ask the agent in a task instead.
+        """
+        identity = self._identity_or_reject(ssl_obj)
+        decision = self._authorizer.decide(identity)
+        if decision is None:
+            return None
+        return self._apply_decision(identity, decision, per_request_l7)
+
     def _identity_or_reject(self, ssl_obj: Any) -> ServiceIdentity:
         try:
             identity = peer_identity(ssl_obj)
@@ -746,7 +759,10 @@ class Service:
             self._reject(identity, decision.reason)
             raise PeerRejected(decision.reason, peer=identity.uri)
         self._counters.accepted += 1
-        self._emit(ServiceEvent("peer_allowed", self.name, peer=identity, reason=decision.reason))
+        if self._hooks:  # once per connection: no event object for nobody
+            self._emit(
+                ServiceEvent("peer_allowed", self.name, peer=identity, reason=decision.reason)
+            )
         return identity
 
     def deny_request(self, identity: ServiceIdentity, reason: str) -> None:

@@ -374,6 +374,50 @@ def test_a_failing_protocol_loses_only_its_own_connection(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("failing", ["factory", "connection_made"])
+def test_a_protocol_failing_to_start_leaves_the_next_connection_served(
+    loop: str, failing: str
+) -> None:
+    # The failed connection's descriptor is closed and unwatched: the next accepted
+    # socket, which gets the same descriptor number, is handshaken and served.
+    async def main() -> None:
+        f = Fixture()
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        calls = 0
+        plain_factory = f.factory
+
+        def factory() -> asyncio.BaseProtocol:
+            nonlocal calls
+            calls += 1
+            if calls == 1 and failing == "factory":
+                raise RuntimeError("no protocol today")
+            protocol = plain_factory()
+            if calls == 1:
+                def refuse(transport: asyncio.BaseTransport) -> None:
+                    raise RuntimeError("no connection today")
+
+                protocol.connection_made = refuse  # type: ignore[method-assign]
+            return protocol
+
+        f.factory = factory  # type: ignore[method-assign]
+        f.start()
+        reader1, writer1 = await f.connect()
+        assert await asyncio.wait_for(reader1.read(), 10) == b""  # closed by the server
+        await wait_until_async(lambda: bool(errors), what="the failure reported")
+        assert "failed" in errors[0]["message"]
+        writer1.close()
+        _reader2, writer2 = await f.connect()
+        served = await f.protocol(0 if failing == "factory" else 1)
+        writer2.write(b"fine")
+        await wait_until_async(lambda: served.received == b"fine", what="next connection served")
+        writer2.close()
+        await f.stop()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_a_peer_that_resets_the_connection_is_reported_lost(loop: str) -> None:
     async def main() -> None:
         f = Fixture()

@@ -51,7 +51,7 @@ from consul_connect.integrations._common import (
 )
 from consul_connect.integrations.httpx import DEFAULT_MAX_CONNECTION_AGE
 from consul_connect.service import Service
-from consul_connect.tls import HANDSHAKE_TIMEOUT, peer_identity, verify_server_identity
+from consul_connect.tls import HANDSHAKE_TIMEOUT, verify_server_identity
 
 if TYPE_CHECKING:
     from aiohttp import ClientTimeout
@@ -291,18 +291,12 @@ class _Gate(asyncio.Protocol):
         svc = self._service
         ssl_obj = transport.get_extra_info("ssl_object")
         try:
-            identity = peer_identity(transport)
-        except PeerRejected:
-            with contextlib.suppress(PeerRejected):
-                svc.authorize_peer(ssl_obj)  # counts, logs and reports the refusal
+            identity = svc._authorize_peer_locally(ssl_obj, per_request_l7=self._l7)
+        except PeerRejected:  # counted, logged and reported
             transport.abort()
             return
-        if svc.authorizer.decide(identity) is not None:
-            # Local data decides at once: no task, no pause.
-            try:
-                self._admit(svc.authorize_peer(ssl_obj, per_request_l7=self._l7))
-            except PeerRejected:
-                transport.abort()
+        if identity is not None:  # local data decided at once: no task, no pause
+            self._admit(identity)
             return
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._ask(ssl_obj))

@@ -73,7 +73,6 @@ from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
 from consul_connect.integrations._common import request_denied
 from consul_connect.service import Service
-from consul_connect.tls import peer_identity
 
 __all__ = [
     "EXTENSION_KEY",
@@ -305,14 +304,8 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
             With per-request L7 enforcement, a caller whose matching intention has L7
             permissions is admitted here and judged on every request by the middleware.
             """
-            try:
-                identity = peer_identity(ssl_obj)
-            except PeerRejected:
-                service.authorize_peer(ssl_obj)  # counts, logs and raises the refusal
-                raise
-            if service.authorizer.decide(identity) is None:
-                return None
-            return service.authorize_peer(ssl_obj, per_request_l7=per_request)
+            # Raises PeerRejected (counted and logged) for a refused caller.
+            return service._authorize_peer_locally(ssl_obj, per_request_l7=per_request)
 
         async def _cc_check_async(self, ssl_obj: Any) -> None:
             try:
