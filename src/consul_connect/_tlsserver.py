@@ -258,6 +258,7 @@ class TLSSocketTransport(_WriteCoalescing, asyncio.Transport):
         self._protocol_paused = False
         self._closing = False
         self._closed = False  # the protocol has been (or is being) told
+        self._peer_eof = False  # the peer closed its side: nothing more can arrive
         self._close_timer: asyncio.TimerHandle | None = None
         self._writes_after_close = 0
 
@@ -349,6 +350,7 @@ class TLSSocketTransport(_WriteCoalescing, asyncio.Transport):
         self._loop.call_soon(self._read_ready)
 
     def _eof(self) -> None:
+        self._peer_eof = True
         self._remove_reader()
         try:
             self._protocol.eof_received()  # type: ignore[attr-defined]
@@ -561,10 +563,12 @@ class TLSSocketTransport(_WriteCoalescing, asyncio.Transport):
         except OSError:
             self._release()
             return
-        if self._server is not None:
+        if self._server is not None and not self._peer_eof:
+            # Read and drop until the peer's EOF: closing with unread input would
+            # send a reset, which can destroy the response before the peer reads it.
             self._server._linger(sock, self._fd)
         else:
-            self._release()
+            self._release()  # after the peer's EOF there is nothing left to drain
 
     def _force_close(self, exc: Exception | None) -> None:
         if self._closed:

@@ -254,6 +254,82 @@ def test_close_sends_everything_buffered_then_close_notify(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_that_closed_first_gets_the_answer_and_nothing_lingers(loop: str) -> None:
+    # The client sends its request and its close_notify, then reads: the server
+    # answers on eof_received and closes; after that EOF nothing is left to drain.
+    async def main() -> None:
+        f = Fixture()
+
+        lingering_at_loss: list[int] = []
+
+        def answer_at_eof(p: Recorder) -> None:
+            original, lost = p.eof_received, p.connection_lost
+
+            def connection_lost(exc: Exception | None) -> None:
+                assert f.server is not None
+                lingering_at_loss.append(len(f.server._lingering))
+                lost(exc)
+
+            p.connection_lost = connection_lost  # type: ignore[method-assign]
+
+            def eof() -> bool | None:
+                assert p.transport is not None
+                p.transport.write(b"answer to " + bytes(p.received))
+                return original()
+
+            p.eof_received = eof  # type: ignore[method-assign]
+
+        f.configure = answer_at_eof
+        f.start()
+
+        def client() -> bytes:
+            # Over memory BIOs: ssl.SSLSocket cannot read after sending close_notify.
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = f.client_tls.client_context.wrap_bio(incoming, outgoing)
+            with socket.create_connection(("127.0.0.1", f.port), timeout=10) as raw:
+
+                def fill() -> None:
+                    raw.sendall(outgoing.read())
+                    data = raw.recv(65536)
+                    if data:
+                        incoming.write(data)
+                    else:
+                        incoming.write_eof()
+
+                while True:
+                    try:
+                        tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        fill()
+                tls.write(b"question")
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.unwrap()  # our close_notify; the answer can still be read
+                answer = b""
+                while True:
+                    try:
+                        chunk = tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        fill()
+                        continue
+                    except ssl.SSLZeroReturnError:
+                        return answer  # the server's close_notify
+                    if not chunk:
+                        return answer
+                    answer += chunk
+
+        assert await asyncio.to_thread(client) == b"answer to question"
+        protocol = await f.protocol()
+        await wait_until_async(lambda: "lost" in protocol.events, what="connection lost")
+        assert protocol.events[-2:] == ["eof", "lost"]
+        assert protocol.lost == [None]
+        assert lingering_at_loss == [0]
+        await f.stop()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_abort_drops_what_is_buffered_and_reports_the_loss(loop: str) -> None:
     async def main() -> None:
         f = Fixture()
