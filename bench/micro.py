@@ -272,7 +272,7 @@ def handshakes(n: int) -> dict[str, Any]:
         return c, tc, ts
 
     for tickets in (2, 1, 0):
-        sctx = tls._server_context(api.leaf, api.roots, None, tickets=tickets > 0)
+        sctx = tls.TLSMaterial.build(api.leaf, roots, session_tickets=tickets > 0).server_context
         sctx.num_tickets = tickets
         got, _, _ = one(sctx, None)
         offered = got.session

@@ -346,7 +346,7 @@ def markdown(res: dict[str, Any]) -> str:
                   f"against the nginx ceiling): {_mm(ref['wall_per_s'], 0)} conn/s wall, "
                   f"{_mm(ref['per_client_cpu_s'], 0)} conn per client-CPU-s. "
                   f"`openssl speed`: {json.dumps(ref.get('speed', {}))}.", ""]
-    lines += _micro_md(res.get("micro", {}))
+    lines += _micro_md(res.get("micro", {}), res.get("micro_rerun", ""))
     lines += _rotation_md(res.get("rotation", {}), res.get("rotation_rerun", ""))
     lines += _profile_md(res.get("profile", {}))
     lines += _where_md(res.get("where", {}))
@@ -558,11 +558,16 @@ def _before_after_md(res: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _micro_md(micro: dict[str, Any]) -> list[str]:
+def _micro_md(micro: dict[str, Any], rerun: str = "") -> list[str]:
     if not micro:
         return []
-    lines = ["## Library micro-benchmarks", "",
-             "| measurement | median | best |", "| --- | ---: | ---: |"]
+    lines = ["## Library micro-benchmarks", ""]
+    if rerun:
+        lines += [f"Measured again on {rerun} UTC (`bench/run.py --only-micro`), after the "
+                  "rest of this run.", ""]
+    if micro.get("error"):
+        lines += [f"Not measured: `{micro['error'].strip().splitlines()[-1][:300]}`", ""]
+    lines += ["| measurement | median | best |", "| --- | ---: | ---: |"]
     authz = micro.get("authz", {})
     base = authz.get("baseline_dict_lookup")
     if base:

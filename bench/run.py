@@ -668,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reading", default="", help="a file whose text goes under 'Reading'")
     parser.add_argument("--only-rotation", action="store_true",
                         help="re-measure only the rotation into an existing results.json")
+    parser.add_argument("--only-micro", action="store_true",
+                        help="re-measure only the library micro-benchmarks into an existing "
+                             "results.json")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite RESULTS.md and plots from an existing results.json")
     args = parser.parse_args(argv)
@@ -684,6 +687,14 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
         _judge(res)
         res["rotation_rerun"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        args.render_only = True
+    if args.only_micro:
+        out = Path(args.out)
+        res = json.loads((out / "results.json").read_text())
+        res["micro"] = run_json(python_script("../micro.py", "--services", str(args.services)),
+                                400)
+        res["micro_rerun"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         args.render_only = True
     if args.render_only:
