@@ -890,7 +890,8 @@ def _ssl_object(conn: PeerConnection) -> Any:
     if hasattr(conn, "getpeercert"):
         return conn
     assert not isinstance(conn, ssl.SSLObject | ssl.SSLSocket)  # for the type checker
-    obj = conn.get_extra_info("ssl_object")
+    get_extra_info = getattr(conn, "get_extra_info", None)  # None: no connection at all
+    obj = get_extra_info("ssl_object") if get_extra_info is not None else None
     if obj is None or not hasattr(obj, "getpeercert"):
         raise PeerRejected("connection is not TLS")
     return obj

@@ -569,6 +569,8 @@ def test_missing_peer_certificate_is_named_by_side() -> None:
         peer_identity(FakeSSL(None, server_side=False))
     with pytest.raises(PeerRejected, match="not TLS"):
         peer_identity(FakeTransport(None))
+    with pytest.raises(PeerRejected, match="not TLS"):  # a transport that has none
+        peer_identity(None)  # type: ignore[arg-type]
 
 
 def test_server_identity_tolerates_another_trust_domain(ca: TestCA) -> None:
