@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scenarios"))
 import twohost
 from common import (
@@ -59,6 +57,23 @@ NATIVES = ["native-intentions", "native-agent", "native-intentions+resume",
 RATE_SCENARIOS = ["plain", "mtls", "native-intentions", "native-agent", "sidecar", "sidecar-l7",
                   "ceiling", "plain-uvloop", "mtls-uvloop", "native-intentions-uvloop",
                   "sidecar-uvloop", "sidecar-l7-uvloop"]
+
+
+def _put(url: str, **kwargs: Any) -> Any:
+    """PUT to the dev agent (httpx is imported late: setup may be what installs it)."""
+    import httpx
+
+    return httpx.put(url, **kwargs)
+
+
+def setup() -> None:
+    """Install what a full run needs and is missing (``bench/setup.sh``, idempotent)."""
+    _log("setup: bench/setup.sh (installs only what is missing) ...")
+    done = subprocess.run(["sh", str(BENCH_DIR / "setup.sh")],
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=1800,
+                          check=False)
+    if done.returncode != 0:
+        _log(f"setup failed (exit {done.returncode}): the run goes on with what is installed")
 
 
 def uvloop_available() -> bool:
@@ -101,7 +116,7 @@ class Bench:
         if not line or line[0] != "ready":
             raise RuntimeError(f"dev agent did not start: {self.agent.close()}")
         self.addr = line[1]
-        r = httpx.put(f"http://{self.addr}/v1/connect/intentions/exact",
+        r = _put(f"http://{self.addr}/v1/connect/intentions/exact",
                       params={"source": "web", "destination": "api"},
                       json={"Action": "allow"}, timeout=10)
         r.raise_for_status()
@@ -207,7 +222,7 @@ class Bench:
                 "httpx-plain", started["plain"][1], "none", "httpx", server=[started["plain"][0]])
             # As shipped: the server sends tickets and the httpx transport resumes.
             proc, port = started["native-intentions+resume"]
-            r = httpx.put(f"http://{self.addr}/v1/agent/service/register", json={
+            r = _put(f"http://{self.addr}/v1/agent/service/register", json={
                 "Name": "api", "ID": "api-bench", "Address": "127.0.0.1", "Port": port,
                 "Connect": {"Native": True}}, timeout=10)
             r.raise_for_status()
@@ -398,7 +413,7 @@ class Bench:
                 self.agent_command("renew web")
                 events.append(("leaf renewal (api, web)", time.monotonic() - t0))
                 _sleep_until(t0 + dur * 0.55)
-                r = httpx.put(f"http://{self.addr}/v1/connect/ca/configuration", json={
+                r = _put(f"http://{self.addr}/v1/connect/ca/configuration", json={
                     "Provider": "consul",
                     "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": key_bits}}, timeout=30)
                 r.raise_for_status()
@@ -654,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests/s in total for the fixed-load latency runs")
     parser.add_argument("--rotation-duration", type=float, default=8.0)
     parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--no-setup", action="store_true",
+                        help="do not run bench/setup.sh before a full run")
     parser.add_argument("--no-nginx", action="store_true")
     parser.add_argument("--no-uvloop", action="store_true",
                         help="skip the uvloop scenarios even if uvloop is installed")
@@ -709,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.resolve() == (BENCH_DIR / "results").resolve() and not res["config"]["smoke"]:
             update_readme(res)
         return 0
+    if not args.smoke and not args.no_setup:
+        setup()
     if args.smoke:
         args.rounds, args.duration, args.warmup, args.conns = 1, 0.3, 0.1, 2
         args.rate = 200.0
