@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs what the benchmark needs and is missing: Debian's nginx (with the stream
 # module, for the L4 sidecar pair), a C compiler and libssl headers (the two-host
-# view's C load generator), matplotlib (plots), pyinstrument and py-spy (profiles), uvloop.
+# view's C load generator), matplotlib (plots), pyinstrument and py-spy (profiles), uvloop,
+# httptools, and this project.
 # Idempotent; safe to run again. Needs root (or sudo) for apt-get.
 set -eu
 
@@ -39,6 +40,8 @@ PY="${PYTHON:-python3}"
 command -v py-spy >/dev/null 2>&1 || "$PY" -m pip install --quiet py-spy || true
 # Optional: the uvloop scenarios are skipped without it.
 "$PY" -c "import uvloop" 2>/dev/null || "$PY" -m pip install --quiet uvloop || true
+# Optional: uvicorn's httptools parser (--http httptools).
+"$PY" -c "import httptools" 2>/dev/null || "$PY" -m pip install --quiet httptools || true
 "$PY" -c "import consul_connect" 2>/dev/null || "$PY" -m pip install --quiet -e "$(dirname "$0")/.."
 
 nginx -v
