@@ -160,7 +160,10 @@ async def test_a_direct_client_gives_up_on_a_silent_server_within_its_deadline(
     services: Services,
 ) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # never answers the ClientHello
+        try:
+            await reader.read()  # never answers the ClientHello; returns when the client goes
+        finally:
+            writer.close()  # Server.wait_closed() waits for its connections (3.12+)
 
     plain = await asyncio.start_server(silent, "127.0.0.1", 0)
     endpoint = Endpoint("127.0.0.1", plain.sockets[0].getsockname()[1], services.api.identity)
