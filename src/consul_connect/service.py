@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import queue
+import selectors
 import socket
 import ssl
 import threading
@@ -31,6 +32,7 @@ from typing import Any, Literal, overload
 
 from consul_connect._runtime import Runtime
 from consul_connect._tlsserver import TLSServer, bind_socket, check_transport, open_stream
+from consul_connect.agent.blocking import RateLimiter
 from consul_connect.agent.config import AgentConfig
 from consul_connect.authz.authorizers import AgentAuthorizer, Authorizer, IntentionAuthorizer
 from consul_connect.authz.intentions import Decision
@@ -587,6 +589,10 @@ class Service:
         index = 0
         failures = 0
         stale = 0
+        # An agent that answers at once (no X-Consul-Index, or one that ignores it) must
+        # not make this loop spin: as the roots watch, a burst then one query a second.
+        limiter = RateLimiter()
+        denied: AgentPermissionError | None = None
         while True:
             leaf = self._leaf
             wait = _LEAF_WAIT
@@ -595,15 +601,25 @@ class Service:
                 lifetime = (leaf.valid_before - leaf.valid_after).total_seconds()
                 deadline = leaf.valid_after.timestamp() + 0.9 * lifetime
                 wait = max(1.0, min(_LEAF_WAIT, deadline - time.time()))
+            hold = limiter.acquire(time.monotonic())
+            if hold > 0:
+                await asyncio.sleep(hold)
             try:
                 data, meta = await client.leaf_cert(self.name, index=index, wait=wait)
                 new_leaf = Leaf.from_json(data)
+                if new_leaf.identity.service.casefold() != self.name.casefold():
+                    raise CertificateError(
+                        f"the agent's leaf for {self.name!r} is for service "
+                        f"{new_leaf.identity.service!r}"
+                    )
             except asyncio.CancelledError:
                 raise
-            except AgentPermissionError as exc:
-                self._on_watch_error(exc)
-                return
             except (AgentError, CertificateError) as exc:
+                # A 403 is reported (wait_ready raises it) but retried like any other
+                # failure: a token can be fixed, or reach the agent late, and a leaf
+                # that is never renewed again would take the service down when it expires.
+                if isinstance(exc, AgentPermissionError):
+                    denied = exc
                 self._on_watch_error(exc)
                 failures += 1
                 delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 10))
@@ -612,6 +628,9 @@ class Service:
                     index = 0
                 continue
             failures = 0
+            if denied is not None and self._fatal is denied:
+                self._fatal = None  # the agent lets us read the leaf again
+            denied = None
             new_index = meta.index or 1
             index = 0 if new_index < index else new_index
             if (
@@ -1294,10 +1313,11 @@ class Service:
 class ConnectListener:
     """A blocking Connect mTLS listener; :meth:`accept` returns only authorized peers.
 
-    A background thread accepts TCP connections and a small pool of workers runs
-    each handshake (bounded by ``handshake_timeout``) and the authorization, so a
-    slow or silent client cannot hold up the others. Refused peers (bad
-    certificate, bad identity, denied) are closed, counted and never returned.
+    A background thread accepts TCP connections and runs every handshake without
+    blocking (each bounded by ``handshake_timeout``); a small pool of workers runs the
+    authorization, so slow or silent clients, however many, cannot hold up the others.
+    Refused peers (bad certificate, bad identity, denied) are closed, counted and never
+    returned.
     At most ``backlog`` authorized connections wait for :meth:`accept`.
     """
 
@@ -1366,25 +1386,104 @@ class ConnectListener:
                 continue
 
     def _accept_loop(self) -> None:
-        while not self._closed:
+        # Handshakes run here, non-blocking and all at once (each with its deadline):
+        # clients that connect and stall must not hold the workers, or a few of them
+        # would keep every good client waiting for a whole handshake timeout.
+        sel = selectors.DefaultSelector()
+        pending: dict[int, tuple[ssl.SSLSocket, float]] = {}
+        try:
+            self._sock.setblocking(False)
+            sel.register(self._sock, selectors.EVENT_READ)
+            while not self._closed:
+                for key, _ in sel.select(timeout=0.2):
+                    if key.fileobj is self._sock:
+                        self._accept_ready(sel, pending)
+                    else:
+                        self._handshake_step(sel, pending, key.fd)
+                now = time.monotonic()
+                for fd, (_, deadline) in list(pending.items()):
+                    if now >= deadline:
+                        self._handshake_failed(sel, pending, fd, TimeoutError())
+        except (OSError, ValueError, KeyError):
+            if not self._closed:
+                log.exception("service %s: the listener stopped", self._service.name)
+        finally:
+            for sock, _ in pending.values():
+                with contextlib.suppress(OSError):
+                    sock.close()
+            sel.close()
+
+    def _accept_ready(
+        self, sel: selectors.BaseSelector, pending: dict[int, tuple[ssl.SSLSocket, float]]
+    ) -> None:
+        for _ in range(32):
             try:
                 raw, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
             except OSError:
                 if self._closed:
-                    return
+                    raise
                 time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
+                return
             # Small request/response exchanges must not wait for delayed ACKs.
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                self._workers.submit(self._handshake_and_queue, raw)
-            except RuntimeError:  # the pool is shutting down
+                raw.setblocking(False)
+                sock = self._service.server_context.wrap_socket(
+                    raw, server_side=True, do_handshake_on_connect=False
+                )
+            except Exception as exc:  # e.g. OSError, or no certificate to serve yet
                 raw.close()
-                return
+                self._service._reject(None, f"handshake failed: {_describe(exc)}")
+                continue
+            fd = sock.fileno()
+            pending[fd] = (sock, time.monotonic() + self._handshake_timeout)
+            sel.register(fd, selectors.EVENT_READ)
+            self._handshake_step(sel, pending, fd)
 
-    def _handshake_and_queue(self, raw: socket.socket) -> None:
-        got = self._handshake(raw)
+    def _handshake_step(
+        self,
+        sel: selectors.BaseSelector,
+        pending: dict[int, tuple[ssl.SSLSocket, float]],
+        fd: int,
+    ) -> None:
+        sock = pending[fd][0]
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            sel.modify(fd, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            sel.modify(fd, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._handshake_failed(sel, pending, fd, exc)
+            return
+        sel.unregister(fd)
+        del pending[fd]
+        sock.setblocking(True)
+        try:
+            self._workers.submit(self._authorize_and_queue, sock)
+        except RuntimeError:  # the pool is shutting down
+            sock.close()
+
+    def _handshake_failed(
+        self,
+        sel: selectors.BaseSelector,
+        pending: dict[int, tuple[ssl.SSLSocket, float]],
+        fd: int,
+        exc: BaseException,
+    ) -> None:
+        sock, _ = pending.pop(fd)
+        sel.unregister(fd)
+        with contextlib.suppress(OSError):
+            sock.close()
+        self._service._reject(None, f"handshake failed: {_describe(exc)}")
+
+    def _authorize_and_queue(self, sock: ssl.SSLSocket) -> None:
+        got = self._authorize(sock)
         if got is None:
             return
         while not self._closed:
@@ -1396,15 +1495,8 @@ class ConnectListener:
         with contextlib.suppress(OSError):
             got[0].close()
 
-    def _handshake(self, raw: socket.socket) -> tuple[ssl.SSLSocket, ServiceIdentity] | None:
+    def _authorize(self, sock: ssl.SSLSocket) -> tuple[ssl.SSLSocket, ServiceIdentity] | None:
         svc = self._service
-        try:
-            raw.settimeout(self._handshake_timeout)
-            sock = svc.server_context.wrap_socket(raw, server_side=True)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raw.close()
-            svc._reject(None, f"handshake failed: {_describe(exc)}")
-            return None
         try:
             identity = svc.authorize_peer(sock)
         except PeerRejected:

@@ -288,7 +288,7 @@ class AgentClient:
             return None, meta
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nesting deeper than the parser recurses
             raise AgentResponseError(
                 f"{method} {path}: the agent's answer is not JSON: {exc}",
                 status=response.status_code,

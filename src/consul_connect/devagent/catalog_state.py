@@ -1262,10 +1262,12 @@ def compile_request_filter(req: Request, schema: Schema) -> Filter:
     """The request's ``?filter=`` compiled against ``schema``.
 
     A bad filter is answered as Consul answers it: 500 with the evaluator's text (the
-    endpoints return the compile error as a plain error).
+    endpoints return the compile error as a plain error). Only ``filter`` is read
+    (Consul's ``parseFilter``): the agent-local lists do not validate ``index``,
+    ``wait`` or the consistency flags, and the catalog reads validate them first.
     """
     try:
-        return compile_filter(req.options.filter, schema)
+        return compile_filter(req.param("filter"), schema)
     except BexprError as exc:
         raise HTTPError(500, str(exc)) from None
 

@@ -186,26 +186,27 @@ class Request:
         return self._options
 
     def _parse_options(self) -> QueryOptions:
+        # Consul's parseWait/parseConsistency skip empty values (`query.Get(k) != ""`).
         index = 0
-        if self.has("index"):
-            raw = self.param("index")
-            if not re.fullmatch(r"[0-9]+", raw or "x") or int(raw) >= 2**64:
+        raw = self.param("index")
+        if raw:
+            if not re.fullmatch(r"[0-9]+", raw) or int(raw) >= 2**64:
                 raise HTTPError(400, "Invalid index")
             index = int(raw)
         wait = 0.0
-        if self.has("wait"):
+        raw = self.param("wait")
+        if raw:
             try:
-                wait = parse_duration(self.param("wait"))
+                # A negative wait is valid: the server then uses its default query time.
+                wait = _go_duration(raw)
             except ValueError:
                 raise HTTPError(400, "Invalid wait time") from None
-            if wait < 0:
-                raise HTTPError(400, "Invalid wait time")
         stale = self.has("stale")
         consistent = self.has("consistent")
-        if self.has("max_stale"):
-            raw = self.param("max_stale")
+        raw = self.param("max_stale")
+        if raw:
             try:
-                ms = parse_duration(raw)
+                ms = _go_duration(raw)
             except ValueError:
                 raise HTTPError(400, f'Invalid max_stale value "{raw}"') from None
             if ms > 0:
@@ -252,6 +253,17 @@ class Request:
     def json(self) -> Any:
         """The decoded JSON body; 400 ``Request decode failed: ...`` when it is not JSON."""
         return decode_json_body(self.body, "Request decode failed")
+
+
+_MAX_DURATION = (2**63 - 1) / 1e9
+
+
+def _go_duration(text: str) -> float:
+    """``time.ParseDuration``, including its refusal of values past int64 nanoseconds."""
+    seconds = parse_duration(text)
+    if abs(seconds) > _MAX_DURATION:
+        raise ValueError(f"time: invalid duration {text!r}")
+    return seconds
 
 
 def decode_json_body(body: bytes, prefix: str) -> Any:

@@ -25,6 +25,7 @@ from consul_connect.authz.intentions import (
     sort_intentions,
 )
 from consul_connect.devagent.acl import ACLAuthorizer, filtered_headers, go_quote
+from consul_connect.devagent.bexpr import BexprError, compile_filter
 from consul_connect.devagent.context import AgentContext
 from consul_connect.devagent.http import (
     HTTPError,
@@ -492,6 +493,15 @@ def register(router: Router, ctx: AgentContext) -> None:
         if kind and kind not in KNOWN_KINDS:
             raise HTTPError(500, f"invalid config entry kind: {kind}")
         authz = req.authz
+        # Consul's List supports ?filter only for service-defaults (a plain error: 500).
+        flt = None
+        if req.options.filter:
+            if kind != SERVICE_DEFAULTS:
+                raise HTTPError(500, f"filtering not supported for config entry kind={kind}")
+            try:
+                flt = compile_filter(req.options.filter)
+            except BexprError as exc:
+                raise HTTPError(500, str(exc)) from None
 
         def run() -> tuple[int, Any]:
             if kind:
@@ -502,7 +512,10 @@ def register(router: Router, ctx: AgentContext) -> None:
                     key=lambda e: (e["Kind"], e["Name"]),
                 )
             visible = [e for e in entries if _can_read(authz, e["Kind"], e["Name"])]
-            return ctx.store.max_index(CONFIG_TABLE), (visible, len(visible) != len(entries))
+            dropped = len(visible) != len(entries)
+            if flt is not None:
+                visible = flt.apply(visible)
+            return ctx.store.max_index(CONFIG_TABLE), (visible, dropped)
 
         index, (visible, dropped) = await blocking_query(req, [CONFIG_TABLE], run)
         return query_response(req, visible, index, extra_headers=filtered_headers(authz, dropped))
@@ -518,10 +531,13 @@ def register(router: Router, ctx: AgentContext) -> None:
         cas = _parse_cas(req)
         _require_write(req.authz, kind, name)
         current = get_entry(ctx, kind, name)
-        if cas is not None and (current is None or current["ModifyIndex"] != cas):
+        if current is None:
+            # Consul skips deleting what is not there: no write, no index bump, and a
+            # CAS delete reports success whatever its index.
+            return json_response(True if cas is not None else {})
+        if cas is not None and current["ModifyIndex"] != cas:
             return json_response(False)
-        if current is not None:
-            check_l7_protocols(ctx, {(kind, name): None})
+        check_l7_protocols(ctx, {(kind, name): None})
         delete_entry(ctx, kind, name)
         if cas is not None:
             return json_response(True)

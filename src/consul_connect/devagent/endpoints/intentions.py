@@ -632,12 +632,19 @@ def register(router: Router, ctx: AgentContext) -> None:
             raise HTTPError(400, "ClientCertURI not a valid Service identifier")
         authz = req.authz
         authz.require("service", "write", target)
+        # CE compares the URI's (lower-cased) partition with the target's, always
+        # "default": a client from another partition is refused before any intention.
+        partition = (ident.partition or "default").lower()
+        if partition != "default":
+            raise HTTPError(
+                400, f"Mismatched partitions: {go_quote(partition)} != {go_quote('default')}"
+            )
 
         headers = _cache_headers(ctx, target)
         decision = IntentionSet(
             _intentions_for_destination(ctx, target),
             default_allow=authz.intention_default_allow,
-        ).decide_l4(ident.namespace, ident.service, ident.partition or "default")
+        ).decide_l4(ident.namespace, ident.service)
         return json_response(
             {"Authorized": decision.allowed, "Reason": decision.reason}, headers=headers
         )
