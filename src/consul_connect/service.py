@@ -403,19 +403,24 @@ class Service:
     async def _start_registration(self) -> None:
         # An agent that is down or failing when the Service starts must not leave it
         # unregistered for good: retry (capped, jittered) until the agent accepts it.
+        # A 403 is reported (wait_ready raises it) and retried too: a token that reaches
+        # the agent's servers late, or is granted the right later, must still register.
         failures = 0
+        denied: AgentPermissionError | None = None
         while True:
             try:
                 await self._registration.start()
-                return
-            except AgentPermissionError as exc:
-                self._set_fatal(exc)
-                return
             except Exception as exc:
+                if isinstance(exc, AgentPermissionError):
+                    denied = exc
                 self._on_watch_error(exc)
                 failures += 1
                 delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 10))
                 await asyncio.sleep(delay * (0.5 + _jitter() / 2))
+                continue
+            if denied is not None and self._fatal is denied:
+                self._fatal = None  # the agent accepted the registration after all
+            return
 
     # -- state ----------------------------------------------------------------
 

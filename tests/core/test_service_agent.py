@@ -224,6 +224,44 @@ def test_token_without_service_write_gives_the_typed_error(start_agent: Any) -> 
         svc.close()
 
 
+def test_a_token_granted_service_write_later_still_registers_and_gets_its_leaf(
+    start_agent: Any,
+) -> None:
+    # e.g. a token created just before the service starts, whose policy is fixed, or that
+    # reaches the agent's servers late: the 403 is reported, then retried, not final.
+    agent = start_agent(
+        acl_enabled=True, acl_default_policy="deny", acl_initial_management_token="root-token"
+    )
+    root = {"X-Consul-Token": "root-token"}
+    r = httpx.put(
+        f"{agent.http_addr}/v1/acl/token",
+        json={"ServiceIdentities": [{"ServiceName": "other"}]},
+        headers=root,
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    token = r.json()
+    svc = Service("web", agent=_cfg(agent, token["SecretID"]), register=True, port=21002)
+    try:
+        with pytest.raises(AgentPermissionError):
+            svc.wait_ready(15)
+        r = httpx.put(
+            f"{agent.http_addr}/v1/acl/token/{token['AccessorID']}",
+            json={"ServiceIdentities": [{"ServiceName": "web"}]},
+            headers=root,
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        # wait_ready raises the 403 at once while it is the latest word; readiness comes
+        # with the next retry.
+        _wait_for(lambda: svc.ready, timeout=60, what="the retried leaf and registration")
+        assert svc.identity.service == "web"
+        r = httpx.get(f"{agent.http_addr}/v1/agent/service/web-21002", headers=root, timeout=5)
+        assert r.status_code == 200, r.text
+    finally:
+        svc.close()
+
+
 def _rotate_ca(agent: DevAgent) -> None:
     r = httpx.put(
         f"{agent.http_addr}/v1/connect/ca/configuration",
