@@ -83,6 +83,13 @@ _LEAF_WAIT = 300.0
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _CLOSE_TIMEOUT = 10.0
+_MAX_WATCHED_NAMES = 128
+"""Names whose instances a Service keeps watched; beyond this the oldest watch stops.
+
+Every name dialled starts a watch (a long-poll on the agent) that lasts until close():
+without a bound, a caller (or a server's redirects) naming ever new hosts would hold
+ever more connections open.
+"""
 
 # The peer identity of connections this library accepted or dialled, keyed by
 # the object the application holds (StreamWriter, transport or SSLSocket) and by the
@@ -1053,8 +1060,10 @@ class Service:
     ) -> list[Endpoint]:
         """Discover the instances of ``target`` (name, DNS-style name, resolver or endpoint).
 
-        Raises :class:`NoInstancesError` when none is healthy and Connect-capable.
+        Raises :class:`NoInstancesError` when none is healthy and Connect-capable, and
+        :class:`DialError` once this Service is closed.
         """
+        self._check_open()
         known = self._resolved_locally(target)
         if known is not None:
             return known
@@ -1064,10 +1073,15 @@ class Service:
         self, target: str | Resolver | Endpoint, *, timeout: float = 10.0
     ) -> list[Endpoint]:
         """Async form of :meth:`resolve`."""
+        self._check_open()
         known = self._resolved_locally(target)
         if known is not None:
             return known
         return await self._runtime.run_async(self._resolve(target), timeout)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DialError(f"service {self.name!r} is closed")
 
     def _resolved_locally(self, target: str | Resolver | Endpoint) -> list[Endpoint] | None:
         """Instances known without I/O (an endpoint, a watched name), else None.
@@ -1092,10 +1106,19 @@ class Service:
             starter = getattr(resolver, "start", None)
             if starter is not None:
                 await starter()
+            await self._stop_oldest_watches()
         endpoints = await resolver.resolve()
         if not endpoints:
             raise NoInstancesError(f"no healthy Connect-capable instance of {_name(target)}")
         return endpoints
+
+    async def _stop_oldest_watches(self) -> None:
+        while len(self._resolvers) > _MAX_WATCHED_NAMES:
+            oldest = next(iter(self._resolvers))
+            closer = getattr(self._resolvers.pop(oldest), "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
 
     def connect(self, target: str | Resolver | Endpoint, *, timeout: float = 10.0) -> ssl.SSLSocket:
         """Dial ``target`` over Connect mTLS and return a connected ``SSLSocket``.
@@ -1107,6 +1130,7 @@ class Service:
         listing every failure.
         """
         deadline = time.monotonic() + timeout
+        self._check_open()
         self.wait_ready(timeout)
         endpoints = self._resolved_locally(target)  # no trip to the runtime loop
         if endpoints is None:
@@ -1172,6 +1196,7 @@ class Service:
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        self._check_open()
         await self.wait_ready_async(timeout)
         endpoints = self._resolved_locally(target)  # skips the runtime hop (~150 µs)
         if endpoints is None:

@@ -21,6 +21,7 @@ content raises :class:`IntentionValidationError` (Consul answers those with 500)
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -1205,8 +1206,10 @@ _Predicate = Callable[[str, str, _HeaderValues], bool]
 
 
 def _compile_regex(pattern: str) -> re.Pattern[str] | None:
+    # Envoy matches with RE2, whose \d, \w, \s and \b are ASCII-only; Python's are Unicode
+    # by default, so "/items/\d+" would also admit "/items/\u0663".
     try:
-        return re.compile(pattern)
+        return re.compile(pattern, re.ASCII)
     except re.error:
         return None
 
@@ -1292,26 +1295,67 @@ def _compile_permission(perm: Permission) -> _Predicate:
     return match
 
 
-def _header_values(headers: Headers, method: str, raw_path: str) -> _HeaderValues:
+def _header_values(headers: Headers, method: str, path: str) -> _HeaderValues:
     items = headers.items() if isinstance(headers, Mapping) else headers
     hv: _HeaderValues = {}
     for k, v in items:
         hv.setdefault(k.lower(), []).append(v)
     # Envoy exposes the request line as pseudo-headers that header matchers can name.
     hv.setdefault(":method", [method])
-    hv.setdefault(":path", [raw_path])
-    if "host" in hv:
-        hv.setdefault(":authority", hv["host"])
+    hv.setdefault(":path", [path])
+    # Envoy keeps the Host header only as ":authority" (its Headers::Host is ":authority"),
+    # so a header rule on "host" never sees a value there.
+    host = hv.pop("host", None)
+    if host is not None:
+        hv.setdefault(":authority", host)
     return hv
 
 
-def _url_path(raw_path: str) -> str:
-    # Envoy's url_path matcher looks at the path without query string or fragment.
+def _split_target(target: str) -> tuple[str, str]:
+    """``(path, rest)``: the path without query string or fragment, and what followed it."""
+    cut = len(target)
     for sep in ("?", "#"):
-        cut = raw_path.find(sep)
-        if cut >= 0:
-            raw_path = raw_path[:cut]
-    return raw_path
+        at = target.find(sep)
+        if 0 <= at < cut:
+            cut = at
+    return target[:cut], target[cut:]
+
+
+_UNRESERVED: Final = frozenset(string.ascii_letters + string.digits + "-._~")
+_PERCENT_ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(m: re.Match[str]) -> str:
+    ch = chr(int(m.group(1), 16))
+    return ch if ch in _UNRESERVED else m.group(0)
+
+
+def _normalize_path(path: str) -> str:
+    """The path as Envoy's ``normalize_path`` leaves it, which Consul turns on by default.
+
+    Backslashes become slashes, escapes of unreserved characters are decoded (``%61`` is
+    ``a``, ``%2e`` is ``.``; ``%2F`` stays) and dot segments are removed (RFC 3986 5.2.4);
+    adjacent slashes are kept (Consul leaves ``merge_slashes`` off).
+    """
+    if "\\" in path:
+        path = path.replace("\\", "/")
+    if "%" in path:
+        path = _PERCENT_ESCAPE.sub(_decode_unreserved, path)
+    if not path.startswith("/") or "/." not in path:
+        return path
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+            continue
+        if i == last:
+            out.append("")  # "/a/.." is "/", "/a/." is "/a/"
+    return "/" + "/".join(out)
 
 
 _SourceKey = tuple[str, str, str, str]
@@ -1419,9 +1463,13 @@ class IntentionSet:
 
         An L4 intention decides by its action. For an L7 intention the first permission whose
         criteria all match decides (reason ``Matched L7 intention: <intention>,
-        Permissions[<j>] (ALLOW|DENY)``); if none matches, the default applies. Paths are
-        matched without query string; header names case-insensitively; regexes must match
-        the whole value.
+        Permissions[<j>] (ALLOW|DENY)``); if none matches, the default applies. ``path`` is
+        the request target as sent (escaped; query string allowed): it is matched without
+        query string, normalized as Envoy does for Consul (dot segments, ``\\``, escaped
+        unreserved characters); when normalizing changed it, the path as given must be
+        allowed as well. Header names compare case-insensitively (``Host`` is only
+        ``:authority``, as in Envoy); regexes must match the whole value, with RE2's
+        ASCII-only classes.
         """
         pos = self._first_pos(source_ns, source_name, partition, peer)
         if pos is None:
@@ -1432,8 +1480,27 @@ class IntentionSet:
             return Decision(
                 ixn.action == ACTION_ALLOW, f"Matched L4 intention: {ixn.describe()}", ixn
             )
-        url_path = _url_path(path)
-        hv = _header_values(headers, method, path)
+        url_path, rest = _split_target(path)
+        normalized = _normalize_path(url_path)
+        hv = _header_values(headers, method, normalized + rest)
+        decision = self._decide_permissions(ixn, predicates, method, normalized, hv)
+        if decision.allowed and normalized != url_path:
+            # Envoy would forward the normalized path; here the application routes on the
+            # path as given ("/admin/../public" may reach an /admin handler), so that one
+            # must be allowed too.
+            as_given = self._decide_permissions(ixn, predicates, method, url_path, hv)
+            if not as_given.allowed:
+                return as_given
+        return decision
+
+    def _decide_permissions(
+        self,
+        ixn: Intention,
+        predicates: tuple[_Predicate, ...],
+        method: str,
+        url_path: str,
+        hv: _HeaderValues,
+    ) -> Decision:
         for j, pred in enumerate(predicates):
             if pred(method, url_path, hv):
                 action = ixn.permissions[j].action

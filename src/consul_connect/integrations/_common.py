@@ -34,6 +34,7 @@ __all__ = [
     "material_token",
     "request_denied",
     "resolve_failure",
+    "routed_path",
     "try_endpoints",
 ]
 
@@ -61,6 +62,17 @@ def material_token(service: Service) -> object:
 def endpoint_key(ep: Endpoint) -> EndpointKey:
     """What makes two discovery answers the same instance: address and identity."""
     return (ep.host, ep.port, ep.identity.uri.lower())
+
+
+def routed_path(path: str) -> str:
+    """The decoded path an application routes on, as a target for ``decide_l7``.
+
+    ``%``, ``?`` and ``#`` are escaped so that they stay characters of the path (a decoded
+    ``%3F`` must not end it). Not normalized: ``decide_l7`` normalizes as Envoy does and
+    then requires the path as given to be allowed too, so ``/admin/../public`` (which an
+    application may route to an ``/admin`` handler) does not pass as ``/public``.
+    """
+    return path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 def request_denied(service: Service, identity: ServiceIdentity, reason: str) -> None:

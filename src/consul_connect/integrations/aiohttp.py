@@ -47,6 +47,7 @@ from consul_connect.integrations._common import (
     endpoint_key,
     material_token,
     request_denied,
+    routed_path,
     try_endpoints,
 )
 from consul_connect.integrations.httpx import DEFAULT_MAX_CONNECTION_AGE
@@ -488,7 +489,7 @@ def connect_middleware(service: Service) -> Middleware:
         if identity is None:
             return web.Response(status=403, text="forbidden: no Connect peer identity\n")
         decision = service.authorize_request(
-            identity, request.method, request.rel_url.path_qs, list(request.headers.items())
+            identity, request.method, routed_path(request.path), list(request.headers.items())
         )
         if not decision.allowed:
             request_denied(service, identity, decision.reason)

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import posixpath
 import socket
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any, Literal
@@ -71,7 +70,7 @@ from consul_connect.authz.authorizers import IntentionAuthorizer
 from consul_connect.authz.intentions import Decision
 from consul_connect.errors import ConfigError, PeerRejected
 from consul_connect.identity import ServiceIdentity
-from consul_connect.integrations._common import request_denied
+from consul_connect.integrations._common import request_denied, routed_path
 from consul_connect.service import Service
 
 __all__ = [
@@ -135,20 +134,12 @@ def peer_identity_from_scope(scope: Scope) -> ServiceIdentity | None:
 
 
 def _authz_path(scope: Scope) -> str:
-    """The path intentions are matched against: decoded, dot segments resolved.
+    """The path intentions are matched against: the decoded one the application routes on.
 
-    The application routes on the decoded path, so that is what must be authorized: a
-    rule on ``/admin`` must also catch ``/%61dmin`` and ``/public/../admin``.
+    So a rule on ``/admin`` also catches ``/%61dmin``, ``/public/../admin`` and
+    ``/admin%2F..%2Fpublic`` (see :func:`routed_path`).
     """
-    path = str(scope.get("path") or "/")
-    if "/." in path:
-        trailing = path.endswith(("/", "/.", "/.."))
-        path = posixpath.normpath(path)
-        if path.startswith("//"):
-            path = "/" + path.lstrip("/")
-        if trailing and path != "/":
-            path += "/"
-    return path
+    return routed_path(str(scope.get("path") or "/"))
 
 
 def _headers(scope: Scope) -> list[tuple[str, str]]:

@@ -446,9 +446,15 @@ class _AsyncEndpointBackend(httpcore.AsyncNetworkBackend):
         if remaining <= 0:
             await raw.aclose()
             raise httpcore.ConnectTimeout("deadline exceeded before the TLS handshake")
-        tls = await raw.start_tls(
-            self._service.client_context_for(ep), server_hostname=None, timeout=remaining
-        )
+        try:
+            tls = await raw.start_tls(
+                self._service.client_context_for(ep), server_hostname=None, timeout=remaining
+            )
+        except BaseException:
+            # httpcore closes the TCP stream when the handshake fails, not when the
+            # request is cancelled mid-handshake: the socket would stay open until GC.
+            await raw.aclose()
+            raise
         try:
             verify_server_identity(tls.get_extra_info("ssl_object"), ep.identity)
         except ServerIdentityError as exc:

@@ -217,6 +217,9 @@ class ConnectAdapter(HTTPAdapter):
         if "Host" not in request.headers:
             netloc = urlsplit(request.url).netloc.rpartition("@")[2]
             request.headers["Host"] = netloc
+            # Taken out again after sending: requests copies these headers into the
+            # request that follows a redirect, which may go to another service.
+            self._local.added_host = True
 
     # -- sending -----------------------------------------------------------------------
 
@@ -291,6 +294,9 @@ class ConnectAdapter(HTTPAdapter):
                 failures.append((ep.address, why))
             finally:
                 self._local.pool = None
+                if getattr(self._local, "added_host", False):
+                    self._local.added_host = False
+                    request.headers.pop("Host", None)
                 # urllib3 pools may close under a busy connection, so release at once.
                 self._close(self._pools.release(entry))
         cause = dial_error(target, failures, identity_failures)
