@@ -24,6 +24,7 @@ from consul_connect.errors import (
     AgentError,
     AgentNotFoundError,
     AgentPermissionError,
+    AgentResponseError,
     ConfigError,
 )
 
@@ -37,6 +38,18 @@ T = TypeVar("T")
 
 MAINTENANCE_PREFIX = "_service_maintenance:"
 """Consul's check ID prefix for an instance in maintenance mode (the service ID follows)."""
+
+_NO_TTL = "does not have associated TTL"
+"""Consul's 500 text for a check ID without a TTL timer. Agents before the 404 for unknown
+check IDs (``vetCheckUpdate`` returned early with ACLs off) answer it when they forgot the
+check altogether, e.g. after a restart without a data directory."""
+
+
+def _check_lost(exc: AgentError) -> bool:
+    """Whether ``exc`` says the agent no longer holds our TTL check."""
+    if isinstance(exc, AgentNotFoundError):
+        return True
+    return exc.status == 500 and _NO_TTL in f"{exc.body} {exc}"
 
 
 def _always_healthy() -> tuple[bool, str]:
@@ -167,13 +180,22 @@ class Registration:
             logger.info(
                 "%r is in maintenance mode; registering without replacing checks", self.service_id
             )
-        await self._bounded(
-            self.client.register_service(self.definition(status), replace_existing_checks=not keep)
-        )
-        if note:
-            # The definition cannot carry check output; an update can.
-            await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
-        self.registered = True
+        # From here on the agent may hold the service (a timed-out request may still have
+        # landed): aclose must deregister it.
+        was_registered, self.registered = self.registered, True
+        try:
+            await self._bounded(
+                self.client.register_service(
+                    self.definition(status), replace_existing_checks=not keep
+                )
+            )
+        except (AgentResponseError, AgentPermissionError):
+            self.registered = was_registered  # refused: the agent stored nothing new
+            raise
+        # An update, not the definition, sets the status: Consul keeps the status and output
+        # of a check it already holds (addServiceInternal restores them from its snapshot),
+        # e.g. one a previous instance let expire. It also carries the note as output.
+        await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
         self.registrations += 1
         self.last_status = status
 
@@ -186,7 +208,13 @@ class Registration:
         """
         if self._task is not None:
             return
-        await self._register()
+        try:
+            await self._register()
+        except BaseException:
+            # Half a registration (service stored, note update failed) would outlive us
+            # with a TTL check nobody heartbeats.
+            await self._deregister()
+            raise
         self._task = asyncio.get_running_loop().create_task(
             self._heartbeat(), name=f"consul-connect heartbeat {self.service_id}"
         )
@@ -195,10 +223,12 @@ class Registration:
         """Ask for a heartbeat now (e.g. after the health state changed). Call on the loop."""
         self._wake.set()
 
-    async def _sleep(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.interval):
-                await self._wake.wait()
+    async def _sleep_until(self, when: float) -> None:
+        delay = when - asyncio.get_running_loop().time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
         self._wake.clear()
 
     def _report(self, exc: BaseException, what: str) -> None:
@@ -217,10 +247,11 @@ class Registration:
         status = "passing" if ok else "warning"
         try:
             await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
-        except AgentNotFoundError:
+        except AgentError as exc:
+            if not _check_lost(exc):
+                raise
             # The agent no longer knows the check: it restarted or the service was removed.
             logger.info("agent forgot %r; registering it again", self.service_id)
-            self.registered = False
             await self._register()
             if status != self.last_status:
                 await self._bounded(self.client.update_ttl_check(self.check_id, status, note))
@@ -228,16 +259,33 @@ class Registration:
         self.last_status = status
 
     async def _heartbeat(self) -> None:
+        # Beats are due one interval after the last successful one was sent, not after the
+        # last attempt ended: a failed or slow attempt (up to ``timeout``) followed by a full
+        # interval of sleep would let the TTL run out. Failures are retried soon, backing
+        # off up to one interval.
+        loop = asyncio.get_running_loop()
+        failures = 0
+        due = loop.time() + self.interval
         while True:
-            await self._sleep()
+            await self._sleep_until(due)
+            sent = loop.time()
             try:
                 await self._beat()
             except (AgentError, TimeoutError) as exc:
+                failures += 1
                 self._report(exc, "TTL heartbeat failed")
             except Exception as exc:
                 # Not the agent's fault (e.g. a bug): report it, keep the beat going.
+                failures += 1
                 logger.exception("TTL heartbeat for %r raised", self.service_id)
                 self._report(exc, "TTL heartbeat failed")
+            else:
+                failures = 0
+            if failures:
+                retry = self.interval / 8 * 2 ** min(failures - 1, 3)
+                due = loop.time() + min(retry, self.interval)
+            else:
+                due = sent + self.interval
 
     async def aclose(self) -> None:
         """Stop the heartbeat and deregister (bounded by ``timeout``). Idempotent.
@@ -250,6 +298,9 @@ class Registration:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._deregister()
+
+    async def _deregister(self) -> None:
         if not self.registered:
             return
         self.registered = False

@@ -579,8 +579,15 @@ class Service:
             )
         except CertificateError as exc:
             # A leaf and roots that do not verify together are never published; the
-            # previous (working) material stays until a matching pair arrives.
+            # previous (working) material's leaf stays until a matching pair arrives,
+            # but peers are checked against the current roots only.
             self._on_watch_error(exc)
+            current = self._material
+            if current is not None and current.roots != roots:
+                with contextlib.suppress(CertificateError):
+                    self._material = current.with_roots(
+                        roots, session_tickets=self._session_tickets
+                    )
             return
         first = self._material is None
         self._material = material

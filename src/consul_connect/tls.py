@@ -351,6 +351,34 @@ class TLSMaterial:
             built_at=at,
         )
 
+    def with_roots(
+        self,
+        roots: RootSet,
+        now: datetime | None = None,
+        *,
+        alpn_protocols: Sequence[str] | None = None,
+        session_tickets: bool = True,
+    ) -> TLSMaterial:
+        """The same leaf, with new contexts that trust exactly ``roots``.
+
+        For roots that change under a leaf which no longer chains to them (its root
+        was pruned before the leaf was renewed): peers must be verified against the
+        current roots at once, as Consul's Go client swaps its root pool on every
+        roots update, while the leaf is still presented as issued until a new one
+        arrives. Options are as for :meth:`build`. Raises :class:`CertificateError`
+        if OpenSSL refuses the roots, chain or key.
+        """
+        chain_pem = self.leaf.full_chain_pem
+        return type(self)(
+            leaf=self.leaf,
+            roots=roots,
+            server_context=_server_context(
+                self.leaf, roots, alpn_protocols, chain_pem=chain_pem, tickets=session_tickets
+            ),
+            client_context=_client_context(self.leaf, roots, alpn_protocols, chain_pem=chain_pem),
+            built_at=datetime.now(UTC) if now is None else now,
+        )
+
     @property
     def identity(self) -> ServiceIdentity:
         """The identity this material presents to peers."""

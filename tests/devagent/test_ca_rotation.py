@@ -100,7 +100,7 @@ def test_rotation_keeps_the_old_root_and_activates_a_cross_signed_new_one(
     new_cert = x509.load_pem_x509_certificate(new["RootCert"].encode())
     assert _issued_by(new_cert, new_cert)
     assert new_cert.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
-    assert isinstance(new_cert.signature_hash_algorithm, hashes.SHA256)
+    assert isinstance(new_cert.signature_hash_algorithm, hashes.SHA384)  # as Go picks for P-384
     # The cross-signed certificate: the new root re-issued by the old root.
     [xc_pem] = new["IntermediateCerts"]
     xc = x509.load_pem_x509_certificate(xc_pem.encode())

@@ -424,7 +424,22 @@ def make_root_certificate(
             critical=False,
         )
     )
-    return builder.sign(key, hashes.SHA256())
+    return builder.sign(key, _hash_for(key))
+
+
+_SignHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+
+
+def _hash_for(key: CAPrivateKey) -> _SignHash:
+    """The hash Go's x509 picks for a certificate signed by ``key`` when the template
+    names no algorithm, as Consul's roots do: SHA-384 for P-384, SHA-512 for P-521,
+    else SHA-256."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if key.curve.key_size == 384:
+            return hashes.SHA384()
+        if key.curve.key_size == 521:
+            return hashes.SHA512()
+    return hashes.SHA256()
 
 
 def cross_sign(
@@ -456,7 +471,11 @@ def cross_sign(
     builder = builder.add_extension(
         x509.AuthorityKeyIdentifier(key_id(old_key.public_key()), None, None), critical=False
     )
-    return builder.sign(old_key, hashes.SHA256())
+    # CrossSignCA signs with the old root's own signature algorithm.
+    algorithm = old_root.signature_hash_algorithm
+    if not isinstance(algorithm, (hashes.SHA256, hashes.SHA384, hashes.SHA512)):
+        algorithm = _hash_for(old_key)
+    return builder.sign(old_key, algorithm)
 
 
 def leaf_backdate(ttl: float) -> timedelta:

@@ -14,9 +14,11 @@ from typing import Any
 from consul_connect.devagent.catalog_state import (
     AGENT_SERVICE_SCHEMA,
     CHECK_SCHEMA,
+    OUTPUT_MAX,
     SIDECAR_PORT_RANGE,
     SIDECAR_SUFFIX,
     CatalogState,
+    CheckDef,
     agent_service_json,
     apply_filter,
     catalog_state,
@@ -186,15 +188,25 @@ def register(router: Router, ctx: AgentContext) -> None:
     @router.route("/v1/agent/service/register", "PUT")
     async def service_register(req: Request) -> Response:
         req.reject_enterprise_tenancy()
-        sd = parse_service_def(req.json())
+        raw = req.json()
+        sd = parse_service_def(raw)
         if sd.name == "":
             raise HTTPError(400, "Missing service name")
         if sd.address in ("0.0.0.0", "::", "[::]"):
             raise HTTPError(400, "Invalid service address")
         authz = req.authz
         problem = registration_errors(sd)
+        # ServiceDefinition.CheckTypes skips an empty ``Check`` but validates every ``Checks``
+        # entry, so ``{}`` there fails CheckType.Validate (checked before the statuses).
+        if (
+            problem is None or problem.text.startswith("Status for checks")
+        ) and _has_empty_checks_entry(raw):
+            problem = HTTPError(400, "Invalid check: TTL must be > 0 for TTL checks")
         if problem is not None:
             raise problem
+        _cap_output_sizes(sd.checks)
+        if sd.sidecar is not None:
+            _cap_output_sizes(sd.sidecar.checks)
         sid = sd.id or sd.name
         authz.require("service", "write", sd.name)
         existing = st.service(sid)
@@ -440,6 +452,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         problem = cd.validate()
         if problem:
             raise HTTPError(400, f"Invalid check: {problem}")
+        _cap_output_sizes([cd])
         svc = None
         if cd.service_id:
             svc = st.service(cd.service_id)
@@ -518,6 +531,24 @@ def register(router: Router, ctx: AgentContext) -> None:
         if status not in ("passing", "warning", "critical"):
             raise HTTPError(400, f"Invalid check status: '{status}'")
         return await ttl_update(req, req.suffix, status, output or "")
+
+
+def _has_empty_checks_entry(raw: Any) -> bool:
+    """Whether the registration body's ``Checks`` list holds a check that sets nothing."""
+    many = get_ci(raw, "Checks") if isinstance(raw, dict) else None
+    return isinstance(many, list) and any(
+        parse_check_def(c, "ServiceDefinition.Checks").empty for c in many
+    )
+
+
+def _cap_output_sizes(checks: list[CheckDef]) -> None:
+    """Apply the agent's ``check_output_max_size`` (4096): a check may only lower it.
+
+    Consul's ``addCheck`` uses ``OutputMaxSize`` only when it is below the agent's limit.
+    """
+    for cd in checks:
+        if cd.output_max_size > OUTPUT_MAX:
+            cd.output_max_size = OUTPUT_MAX
 
 
 def _go_dur(seconds: float) -> str:
