@@ -177,6 +177,13 @@ def _endpoint_from_entry(
     )
 
 
+def _carries_tags(entry: object, tags: Sequence[str]) -> bool:
+    """Whether the entry's service has every tag, compared without regard to case."""
+    have = _as_dict(_as_dict(entry).get("Service")).get("Tags") or []
+    folded = {str(t).casefold() for t in have} if isinstance(have, list) else set()
+    return all(t.casefold() in folded for t in tags)
+
+
 def endpoints_from_health(
     entries: Sequence[object],
     requested: str,
@@ -282,9 +289,17 @@ class CatalogResolver:
             stale=True,
         )
 
+    def _tagged(self, entries: Sequence[object]) -> Sequence[object]:
+        # Consul applies ?tag to /v1/health/connect only on the streaming path (blocking
+        # reads); a plain read ignores it (agent/consul/health_endpoint.go ServiceNodes picks
+        # serviceNodesConnect before serviceNodesTagFilter), so filter here as well.
+        if not self.tags:
+            return entries
+        return [e for e in entries if _carries_tags(e, self.tags)]
+
     def _endpoints(self, entries: Sequence[object]) -> list[Endpoint]:
         eps = endpoints_from_health(
-            entries,
+            self._tagged(entries),
             self.service,
             _trust_domain(self._trust_domain),
             namespace=self.namespace,
@@ -308,7 +323,7 @@ class CatalogResolver:
         parsed = self._parsed
         if parsed is None or parsed[0] is not entries or parsed[1] != td:
             eps = endpoints_from_health(
-                entries,
+                self._tagged(entries),
                 self.service,
                 td,
                 namespace=self.namespace,
@@ -467,22 +482,27 @@ def _strip_port(host: str) -> str:
 
 
 def resolver_for_name(
-    name: str, client: AgentClient, trust_domain: TrustDomain = ""
+    name: str, client: AgentClient, trust_domain: TrustDomain = "", *, domain: str = "consul"
 ) -> CatalogResolver | PreparedQueryResolver:
     """A resolver for a host name the way Consul DNS would answer it.
 
-    Accepted (case-insensitive; a port and a trailing dot are ignored):
+    Accepted (case-insensitive; a port and a trailing dot are ignored; ``domain`` is the
+    agent's DNS ``domain``, ``consul`` unless configured otherwise):
 
     * ``<svc>.service.consul``, ``<svc>.service.<dc>.consul`` -> :class:`CatalogResolver`
     * ``<tag>.<svc>.service[.<dc>].consul`` and RFC 2782's ``_<svc>._<tag>.service[.<dc>].consul``
       -> :class:`CatalogResolver` for instances carrying ``tag`` (``_tcp`` means no tag)
     * ``<svc>.connect.consul``, ``<svc>.connect.<dc>.consul`` -> :class:`CatalogResolver`
     * ``<query>.query.consul``, ``<query>.query.<dc>.consul`` -> :class:`PreparedQueryResolver`
+    * on ``.service`` and ``.connect``, ``<dc>.dc`` in place of ``<dc>`` as Consul 1.13+ allows
     * a bare service name (one label, e.g. ``web``) -> :class:`CatalogResolver`
 
-    Raises :class:`~consul_connect.errors.ConfigError` for anything else: another domain
-    (the TLD must be literally ``.consul``), an IP address, a tag on a ``.connect`` or
-    ``.query`` name (Consul DNS takes tags only on ``.service``), or an unknown form.
+    Health filtering is the resolvers' (passing instances only, as Consul's Go
+    ``connect.ConsulResolver`` does), not DNS's default of also answering with warning ones.
+
+    Raises :class:`~consul_connect.errors.ConfigError` for anything else: another domain,
+    an IP address, a tag on a ``.connect`` or ``.query`` name (Consul DNS takes tags only on
+    ``.service``), a ``.peer`` locality, or an unknown form.
     """
     host = _strip_port(name.strip()).rstrip(".").lower()
     if not host:
@@ -498,11 +518,24 @@ def resolver_for_name(
         raise ConfigError(f"invalid Consul DNS name {name!r}")
     if len(labels) == 1:
         return CatalogResolver(client, labels[0], trust_domain=trust_domain)
-    if labels[-1] != "consul":
+    suffix = domain.strip(".").lower().split(".")
+    if len(labels) <= len(suffix) or labels[-len(suffix) :] != suffix:
         raise ConfigError(
-            f"invalid Consul DNS name {name!r}: it must end in .consul "
-            "(<service>.service[.<dc>].consul or <query>.query[.<dc>].consul)"
+            f"invalid Consul DNS name {name!r}: it must end in .{'.'.join(suffix)} "
+            f"(<service>.service[.<dc>].{'.'.join(suffix)} or "
+            f"<query>.query[.<dc>].{'.'.join(suffix)})"
         )
+    # From here on the domain is spelled "consul" whatever it is configured to be.
+    labels = [*labels[: -len(suffix)], "consul"]
+    # agent/dns_ce.go parseLocality: "<dc>.dc" (and "<peer>.peer") after the kind label;
+    # .query takes only a bare datacenter (agent/dns.go dispatch, parseDatacenter).
+    if len(labels) >= 4 and labels[-2] in ("dc", "peer") and labels[-4] in _TYPES:
+        if labels[-2] == "peer" or labels[-4] == "query":
+            raise ConfigError(
+                f"unsupported Consul DNS name {name!r}: only <service>.service and "
+                "<service>.connect take a <dc>.dc locality; peers are not supported"
+            )
+        labels = [*labels[:-3], labels[-3], "consul"]
     if len(labels) in (4, 5) and labels[2] in _TYPES and labels[1] not in _TYPES:
         if labels[2] != "service":
             raise ConfigError(

@@ -92,6 +92,29 @@ def _answer(
     )
 
 
+def _streaming(req: Request) -> bool:
+    """Whether Consul would serve this health read from the streaming view: blocking, no near."""
+    return req.options.blocking and not req.has("near")
+
+
+def _filter_non_passing(entries: list[Any]) -> list[Any]:
+    """``?passing``: drop entries with any non-passing check, in Consul's order.
+
+    agent/health_endpoint.go filterNonPassing removes an entry by moving the last one into
+    its place, so the survivors are not left in catalog order.
+    """
+    out = list(entries)
+    n = len(out)
+    i = 0
+    while i < n:
+        if all(c["Status"] == "passing" for c in out[i]["Checks"]):
+            i += 1
+            continue
+        out[i] = out[n - 1]
+        n -= 1
+    return out[:n]
+
+
 def _reads_common(req: Request) -> None:
     req.reject_enterprise_tenancy()
     _ = req.options
@@ -115,6 +138,11 @@ def register(router: Router, ctx: AgentContext) -> None:
             raise HTTPError(400, "Invalid value for ?passing")
         flt = compile_request_filter(req, CHECK_SERVICE_NODE_SCHEMA)
         tags = req.params("tag") if req.has("tag") else None
+        if prefix_connect and not _streaming(req):
+            # Health.ServiceNodes (agent/consul/health_endpoint.go) chooses
+            # serviceNodesConnect before serviceNodesTagFilter: over RPC a Connect read
+            # ignores ?tag. Only the streaming view (blocking reads) applies it.
+            tags = None
         meta = node_meta_filter(req)
         authz = req.authz
 
@@ -128,7 +156,7 @@ def register(router: Router, ctx: AgentContext) -> None:
                 req, entries, lambda e: e["Node"]["Node"], lambda e: e["Service"]["Service"]
             )
             if passing:
-                entries = [e for e in entries if all(c["Status"] == "passing" for c in e["Checks"])]
+                entries = _filter_non_passing(entries)
             return idx, (entries, dropped)
 
         return run
@@ -140,7 +168,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         # With use_streaming_backend (on by default) Consul serves blocking health reads
         # from a materialized view through the agent cache; other reads go over RPC,
         # through the cache only with ?cached.
-        streaming = req.options.blocking and not req.has("near")
+        streaming = _streaming(req)
         headers = filtered_header(req, dropped)
         if streaming or req.options.cached:
             headers.update(cache_headers(req, idx))

@@ -267,17 +267,21 @@ def register(router: Router, ctx: AgentContext) -> None:
         return prefix is None or req.authz.allowed("query", "read", prefix)
 
     def resolve(id_or_name: str) -> dict[str, Any] | None:
+        # The state store indexes names lowercased (agent/consul/state/prepared_query.go:
+        # "name" is a StringFieldIndex with Lowercase, templates too), so lookups by name
+        # ignore case, as DNS (which lowercases the whole question) relies on.
         qs = queries()
         if id_or_name in qs:
             return dict(qs[id_or_name])
+        lname = id_or_name.lower()
         for q in qs.values():
-            if q["Name"] == id_or_name and q["Template"]["Type"] == "":
+            if q["Name"].lower() == lname and q["Template"]["Type"] == "":
                 return dict(q)
         best = None
         for q in qs.values():
             if (
                 q["Template"]["Type"] == "name_prefix_match"
-                and id_or_name.startswith(q["Name"])
+                and lname.startswith(q["Name"].lower())
                 and (best is None or len(q["Name"]) > len(best["Name"]))
             ):
                 best = q
@@ -289,7 +293,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         for other in queries().values():
             if other["ID"] == q["ID"]:
                 continue
-            if other["Name"] == q["Name"]:
+            if other["Name"].lower() == q["Name"].lower():
                 raise HTTPError(500, f"Name '{q['Name']}' aliases an existing query name")
             if other["ID"] == q["Name"]:
                 raise HTTPError(500, f"Name '{q['Name']}' aliases an existing query ID")
@@ -508,8 +512,13 @@ def register(router: Router, ctx: AgentContext) -> None:
             "Nodes": entries,
             "DNS": {"TTL": q["DNS"]["TTL"]},
             "Datacenter": ctx.config.datacenter,
+            # structs.PreparedQueryExecuteResponse: PeerName has no omitempty.
+            "PeerName": "",
             "Failovers": 0,
             **meta(opts.consistency, index),
+            # Execute filters Nodes directly (filterACL(token, &reply.Nodes)), which
+            # never sets the QueryMeta flag.
+            "ResultsFilteredByACLs": False,
         }
         headers = filtered_header(req, dropped)
         if opts.cached:
