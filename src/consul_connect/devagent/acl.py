@@ -99,7 +99,7 @@ _RANK = {"read": 0, "list": 1, "write": 2, "deny": 3}
 _ALIASES = {"intentions": "intention", "services": "service", "nodes": "node", "keys": "key"}
 
 _UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 )
 
 
@@ -258,10 +258,14 @@ def _enforce(rule: str, required: str) -> bool | None:
     return None
 
 
-def _check_level(level: object, where: str) -> str:
-    if not isinstance(level, str) or level not in _LEVELS:
-        raise ACLRulesError(f"Invalid {where} policy: {level!r}")
-    return level
+def _check_level(level: object, where: str, *, allow_list: bool = False) -> str:
+    """Consul's isPolicyValid: a level in any case (AccessLevelFromString lower-cases it);
+    ``list`` only where ``allow_list`` (key rules). Returns the lower-case level."""
+    lowered = level.lower() if isinstance(level, str) else None
+    if lowered not in _LEVELS or (lowered == "list" and not allow_list):
+        shown = go_quote(level) if isinstance(level, str) else repr(level)
+        raise ACLRulesError(f"Invalid {where} policy: {shown}")
+    return lowered
 
 
 def parse_rules(text: str) -> ACLRules:
@@ -293,10 +297,15 @@ def parse_rules(text: str) -> ACLRules:
             for name, body in block.items():
                 if not isinstance(body, dict):
                     raise ACLRulesError(f"Invalid {key} {name!r} block")
-                level = _check_level(body.get("policy"), key)
+                raw_policy = body.get("policy")
+                level = _check_level(raw_policy, key, allow_list=base == "key")
                 intentions = body.get("intentions", "")
                 if intentions:
                     intentions = _check_level(intentions, f"{key} intentions")
+                elif base == "service" and raw_policy != level:
+                    # policy_authorizer.go loadRules derives the intention right with a
+                    # case-sensitive switch: "WRITE" grants service:write but intentions deny.
+                    intentions = "deny"
                 rules.add(base, str(name), level, prefix=is_prefix, intentions=intentions)
     return rules
 

@@ -25,6 +25,8 @@ class DevAgentConfig:
     ``leaf_cert_ttl`` is in seconds (72 h by default); ``leaf_root_change_jitter``
     is the upper bound, in seconds, of the random delay before leaves are
     re-issued after a root change (Consul uses 30 s; tests usually set 0).
+    ``acl_default_token`` is Consul's ``acl.tokens.default``: the secret used for requests
+    that carry no token (None or empty = the anonymous token).
     """
 
     datacenter: str = "dc1"
@@ -35,6 +37,7 @@ class DevAgentConfig:
     acl_enabled: bool = False
     acl_default_policy: str = "allow"
     acl_initial_management_token: str | None = None
+    acl_default_token: str | None = None
     data_dir: str | None = None
     leaf_cert_ttl: float = 72 * 3600.0
     leaf_root_change_jitter: float = 30.0

@@ -68,6 +68,18 @@ class Response:
     content_type: str | None = "application/json"
 
 
+# Go's unicode.IsSpace, which strings.TrimSpace uses (Python's strip() also drops \x1c-\x1f).
+_GO_SPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def _go_trim_space(s: str) -> str:
+    return s.strip(_GO_SPACE)
+
+
 def encode_json(data: Any) -> bytes:
     """Encode ``data`` as the dev-mode agent does: 4-space indent and a trailing newline."""
     return (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode()
@@ -156,7 +168,15 @@ class Request:
 
     @property
     def token(self) -> str:
-        """The request's ACL token: ``?token=``, ``X-Consul-Token``, ``Authorization: Bearer``."""
+        """The request's ACL token: ``?token=``, ``X-Consul-Token``, ``Authorization: Bearer``.
+
+        Without one, the agent's default token (``acl_default_token``, empty = anonymous).
+        """
+        return self._explicit_token() or self.ctx.config.acl_default_token or ""
+
+    def _explicit_token(self) -> str:
+        # Consul's parseTokenInternal / parseTokenFromHeaders (agent/http.go), including its
+        # split on single spaces: "Bearer\t<secret>" carries no token there either.
         t = self.param("token")
         if t:
             return t
@@ -164,11 +184,10 @@ class Request:
         if t:
             return t
         auth = self.headers.get("authorization", "")
-        parts = auth.split(None, 1)
-        if len(parts) == 2 and parts[0].lower() == "bearer":
-            words = parts[1].split()
-            if words:
-                return words[0]
+        parts = auth.split(" ")
+        if auth and len(parts) > 1 and parts[0].lower() == "bearer":
+            value = _go_trim_space(" ".join(parts[1:]))
+            return _go_trim_space(value.split(" ")[0])
         return ""
 
     @property

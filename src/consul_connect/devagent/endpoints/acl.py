@@ -48,8 +48,9 @@ __all__ = ["register"]
 
 _MIN_TTL = 60.0
 _MAX_TTL = 24 * 3600.0
-_SERVICE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-_]*[a-z0-9])?$")
-_POLICY_NAME_RE = re.compile(r"^[A-Za-z0-9\-_]{1,128}$")
+# acl/validation.go; `\Z` because Go's `$` (unlike Python's) does not match before a final "\n".
+_IDENTITY_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-_]*[a-z0-9])?\Z")
+_POLICY_NAME_RE = re.compile(r"^[A-Za-z0-9\-_]{1,128}\Z")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -172,7 +173,7 @@ def _service_identities(raw: Any, local: bool) -> list[dict[str, Any]]:
         dcs = get_ci(ident, "Datacenters") or []
         if not name:
             raise HTTPError(500, "Service identity is missing the service name field on this token")
-        if not isinstance(name, str) or len(name) > 256 or not _SERVICE_NAME_RE.match(name):
+        if not isinstance(name, str) or len(name) > 256 or not _IDENTITY_NAME_RE.match(name):
             raise HTTPError(
                 500,
                 f"Service identity {go_quote(str(name))} has an invalid name. Only lowercase "
@@ -210,6 +211,12 @@ def _node_identities(raw: Any) -> list[dict[str, str]]:
             raise HTTPError(500, "Node identity is missing the node name field on this token")
         if not dc:
             raise HTTPError(500, "Node identity is missing the datacenter field on this token")
+        if not isinstance(name, str) or len(name) > 256 or not _IDENTITY_NAME_RE.match(name):
+            raise HTTPError(
+                500,
+                "Node identity has an invalid name. Only lowercase alphanumeric characters, "
+                "'-' and '_' are allowed",
+            )
         item = {"NodeName": str(name), "Datacenter": str(dc)}
         if item not in out:
             out.append(item)
@@ -313,6 +320,9 @@ def _token_from_body(
         secret = old["SecretID"]
         if bool(local) != bool(old.get("Local")):
             raise HTTPError(500, f"Cannot toggle local mode of {old['AccessorID']}")
+        # token_writer.go Update: the expiry is fixed at creation; restating it is fine.
+        if ttl != 0 or (exp_ns is not None and exp_ns != existing.get("expires_ns")):
+            raise HTTPError(500, f"Cannot change expiration time of {old['AccessorID']}")
         exp_ns = existing.get("expires_ns")
         create_ns = _parse_time_ns(old["CreateTime"], prefix)
         create_index = old["CreateIndex"]
