@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import queue
 import selectors
@@ -240,6 +241,7 @@ class Service:
         self._ready = threading.Event()
         self._ready_changed = threading.Condition()
         self._tracked: dict[int, _Tracked] = {}
+        self._tokens = itertools.count(1)
         self._tracked_lock = threading.Lock()
         self._close_denied = close_denied_connections
         self._session_tickets = session_tickets
@@ -839,8 +841,10 @@ class Service:
         ``per_request_l7`` marks connections whose requests are judged one by one (they
         are kept while the caller's matching intention has L7 permissions).
         """
-        token = id(close)
+        # Not id(close): once a deny drops the entry, a new connection's callable may
+        # get the same id, and the cut connection's late untrack would forget it.
         with self._tracked_lock:
+            token = next(self._tokens)
             self._tracked[token] = _Tracked(identity, close, per_request_l7)
         return token
 

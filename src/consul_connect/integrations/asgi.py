@@ -261,6 +261,7 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
     class ConnectProtocol(base):  # type: ignore[misc, valid-type]
         app: ASGIApp
         _cc_state = "pending"
+        _cc_cut_off = False  # set by ConnectServer.aclose when its timeout ran out
         _cc_buffer: list[bytes]
         _cc_token: int | None = None
 
@@ -327,7 +328,15 @@ def _protocol_class(service: Service, *, per_request: bool, http: str) -> type[A
                 if extensions is None:
                     extensions = scope["extensions"] = {}
                 extensions[EXTENSION_KEY] = {"peer_identity": identity, "peer_uri": uri}
-                await inner(scope, receive, send)
+                try:
+                    await inner(scope, receive, send)
+                except asyncio.CancelledError:
+                    if not self._cc_cut_off:
+                        raise
+                    # ConnectServer.aclose cut this connection off after its timeout (and
+                    # logged it): the request ends here, with nothing more to send.
+                    if self.cycle is not None:
+                        self.cycle.disconnected = True
 
             self.app = app_with_peer
             # Lets the Service abort this connection if a later intention change
@@ -506,12 +515,40 @@ class ConnectServer:
         await asyncio.shield(self._task)
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Stop the server; connections still busy after ``timeout`` s are cut off."""
-        self._server.should_exit = True
+        """Stop the server; connections still busy after ``timeout`` s are cut off.
+
+        Cut-off connections are aborted and their requests cancelled (logged once, as a
+        warning); the app's lifespan shutdown still runs.
+        """
+        server = self._server
+        server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            return
         except TimeoutError:
-            self._server.force_exit = True
+            pass
+        except Exception:
+            log.exception("Connect server on port %d failed", self.port)
+            return
+        # uvicorn itself would wait for these forever (or, forced, leave them running).
+        state = server.server_state
+        busy = list(state.connections)
+        log.warning(
+            "Connect server on port %d: cutting off %d connection(s) still busy after %gs",
+            self.port,
+            len(busy),
+            timeout,
+        )
+        for connection in busy:
+            # Our ConnectProtocol: its app wrapper then ends the cancelled request quietly.
+            setattr(connection, "_cc_cut_off", True)  # noqa: B010  (mypy: a union type)
+            connection.transport.abort()
+        for task in list(state.tasks):
+            task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+        except TimeoutError:
+            server.force_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), 5.0)
         except Exception:

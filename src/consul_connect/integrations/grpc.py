@@ -83,6 +83,14 @@ __all__ = [
 log = logging.getLogger("consul_connect.integrations.grpc")
 
 _AUTHORIZE_TIMEOUT = 10.0
+_NO_LONGER_ALLOWED = "consul-connect: an intention change denied the caller"
+_ending: set[asyncio.Task[None]] = set()
+
+
+def _background(task: asyncio.Task[None]) -> None:
+    """Keep a reference to ``task`` until it is done (the loop holds only weak ones)."""
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
 _RELAY_CHUNK = 64 * 1024
 
 
@@ -199,25 +207,38 @@ def _per_call(service: Service, identity: ServiceIdentity, method: str, md: Any)
     return f"consul-connect: {decision.reason}"
 
 
-def _sync_check(service: Service, context: Any, method: str, md: Any) -> str | None:
-    """None when the call may proceed, else the PERMISSION_DENIED message."""
+def _sync_check(
+    service: Service, context: Any, method: str, md: Any
+) -> tuple[ServiceIdentity | None, str | None]:
+    """The admitted caller and None when the call may proceed, else the
+    PERMISSION_DENIED message."""
     try:
         identity = service.authorize_peer(_peer(context), per_request_l7=True)
     except PeerRejected as exc:
-        return f"consul-connect: {exc.reason}"
+        return None, f"consul-connect: {exc.reason}"
     except Exception as exc:  # fail closed on anything, incl. agent timeouts
-        return f"consul-connect: authorization failed: {exc or type(exc).__name__}"
-    return _per_call(service, identity, method, md)
+        return None, f"consul-connect: authorization failed: {exc or type(exc).__name__}"
+    return identity, _per_call(service, identity, method, md)
 
 
-async def _async_check(service: Service, context: Any, method: str, md: Any) -> str | None:
+async def _async_check(
+    service: Service, context: Any, method: str, md: Any
+) -> tuple[ServiceIdentity | None, str | None]:
     try:
         identity = await service.authorize_peer_async(_peer(context), per_request_l7=True)
     except PeerRejected as exc:
-        return f"consul-connect: {exc.reason}"
+        return None, f"consul-connect: {exc.reason}"
     except Exception as exc:  # fail closed on anything, incl. agent timeouts
-        return f"consul-connect: authorization failed: {exc or type(exc).__name__}"
-    return _per_call(service, identity, method, md)
+        return None, f"consul-connect: authorization failed: {exc or type(exc).__name__}"
+    return identity, _per_call(service, identity, method, md)
+
+
+def _track_sync_call(service: Service, identity: ServiceIdentity, context: Any) -> None:
+    """Let a later intention change that denies the caller cancel this call (a stream
+    may outlive the decision that admitted it), as HTTP servers cut connections."""
+    token = service.track_connection(identity, context.cancel, per_request_l7=True)
+    if not context.add_callback(lambda: service.untrack_connection(token)):
+        service.untrack_connection(token)  # the call has already ended
 
 
 def _rebuild(handler: Any, wrap: Callable[[Any], Any]) -> Any:
@@ -263,9 +284,11 @@ class ConnectServerInterceptor(grpc.ServerInterceptor):
 
         def wrap(behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
             def authorized(request: Any, context: Any) -> Any:
-                denial = _sync_check(service, context, method, md)
-                if denial is not None:
+                identity, denial = _sync_check(service, context, method, md)
+                if denial is not None or identity is None:
                     context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                    raise AssertionError("unreachable: abort() raises")
+                _track_sync_call(service, identity, context)
                 return behaviour(request, context)
 
             return authorized
@@ -291,28 +314,52 @@ class AioConnectServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         md = handler_call_details.invocation_metadata
 
-        async def check(context: Any) -> None:
-            denial = await _async_check(service, context, method, md)
-            if denial is not None:
+        async def check(context: Any) -> int:
+            """Authorize the call; return its token for ``service.untrack_connection``."""
+            identity, denial = await _async_check(service, context, method, md)
+            if denial is not None or identity is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial)
+                raise AssertionError("unreachable: abort() raises")
+            # A later intention change that denies the caller cancels the call (a
+            # stream may outlive the decision that admitted it).
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+
+            async def end() -> None:
+                # abort() sends the status, then raises (here, not in the servicer).
+                with contextlib.suppress(BaseException):
+                    await context.abort(grpc.StatusCode.CANCELLED, _NO_LONGER_ALLOWED)
+                task.cancel()
+
+            def cancel() -> None:
+                loop.call_soon_threadsafe(lambda: _background(loop.create_task(end())))
+
+            return service.track_connection(identity, cancel, per_request_l7=True)
 
         def wrap(behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
             # Keep the behaviour's kind: gRPC iterates async generators and awaits the rest.
             if inspect.isasyncgenfunction(behaviour):
 
                 async def authorized_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                    await check(context)
-                    async for item in behaviour(request, context):
-                        yield item
+                    token = await check(context)
+                    try:
+                        async for item in behaviour(request, context):
+                            yield item
+                    finally:
+                        service.untrack_connection(token)
 
                 return authorized_stream
 
             async def authorized(request: Any, context: Any) -> Any:
-                await check(context)
-                result = behaviour(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
+                token = await check(context)
+                try:
+                    result = behaviour(request, context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    return result
+                finally:
+                    service.untrack_connection(token)
 
             return authorized
 
