@@ -264,7 +264,8 @@ class ConnectServerInterceptor(grpc.ServerInterceptor):
     ask the agent, within 10 s on the Service's background loop. Intentions with L7
     permissions are evaluated per call with the gRPC method path. A refusal aborts with
     ``PERMISSION_DENIED`` (details ``"consul-connect: <reason>"``), is counted in
-    ``service.statistics()`` and reported as a ``peer_denied`` event.
+    ``service.statistics()`` and reported as a ``peer_denied`` event (the caller is
+    denied) or a ``request_denied`` event (L7 permissions deny this call).
     """
 
     def __init__(self, service: Service) -> None:
