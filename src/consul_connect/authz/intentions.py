@@ -824,6 +824,9 @@ class SourceIntention:
     namespace: str = DEFAULT_NAMESPACE
     partition: str = ""
     peer: str = ""
+    #: Enterprise-only; decoded so that :meth:`ServiceIntentionsEntry.validate` refuses it
+    #: as CE does, instead of silently turning the source into a local one.
+    sameness_group: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "permissions", tuple(self.permissions))
@@ -850,6 +853,7 @@ class SourceIntention:
             namespace=_ns(f.get_str("Namespace")),
             partition=f.get_str("Partition"),
             peer=f.get_str("Peer"),
+            sameness_group=f.get_str("SamenessGroup"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -877,6 +881,8 @@ class SourceIntention:
             out["Partition"] = self.partition
         if self.peer:
             out["Peer"] = self.peer
+        if self.sameness_group:
+            out["SamenessGroup"] = self.sameness_group
         return out
 
 
@@ -1010,6 +1016,11 @@ class ServiceIntentionsEntry:
     def _validate_source(i: int, src: SourceIntention, *, legacy: bool, dest_is_wild: bool) -> None:
         if not src.name:
             raise IntentionValidationError(f"Sources[{i}].Name is required")
+        if src.sameness_group:
+            # CE's validateSamenessGroup; Consul's format leaves the trailing space.
+            raise IntentionValidationError(
+                f"Sources[{i}].SamenessGroup: Sameness groups are a Consul Enterprise feature. "
+            )
         try:
             validate_wildcards(src.name, src.namespace, src.partition, src.peer)
         except IntentionValidationError as exc:

@@ -1,9 +1,11 @@
-"""ACLs of the dev agent (consul-api.md §6): tokens, policies, service identities, rights.
+"""ACLs of the dev agent (consul-api.md §6): tokens, policies, roles, identities, rights.
 
 The ACL system is off unless ``acl_enabled``: then every request is allowed and the
-``/v1/acl/*`` endpoints answer 401. When on, tokens and policies live in store tables (so
+``/v1/acl/*`` endpoints answer 401. When on, tokens, policies and roles live in store tables (so
 they survive a restart with a data directory); each request's token is resolved to an
-:class:`ACLAuthorizer` that evaluates Consul's rule trees:
+:class:`ACLAuthorizer` that evaluates Consul's rule trees over the union of the token's
+policies and identities and those of its live roles (a deleted role or policy simply
+stops counting, as in Consul's resolver):
 
 * an exact rule beats a prefix rule, the longest prefix wins;
 * several policies naming the same rule merge as ``deny`` > ``write`` > ``list`` > ``read``;
@@ -12,7 +14,10 @@ they survive a restart with a data directory); each request's token is resolved 
 * with no matching rule ``default_policy`` decides, except for ``acl`` which needs a rule.
 
 Tables: ``acl_tokens`` (accessor -> ``{"token": <Consul JSON>, "expires_ns": int|None}``),
-``acl_policies`` (ID -> Consul policy JSON), ``acl_meta`` (``bootstrap`` -> reset index).
+``acl_policies`` (ID -> Consul policy JSON), ``acl_roles`` (ID -> Consul role JSON, policy
+links stored by ID only), ``acl_meta`` (``bootstrap`` -> reset index). Links to policies and
+roles carry only an ID in the store; reads fill in the current name and drop links whose
+target was deleted (Consul's state-store fix-ups).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "GLOBAL_MANAGEMENT_POLICY_ID",
     "GLOBAL_MANAGEMENT_POLICY_NAME",
     "POLICIES_TABLE",
+    "ROLES_TABLE",
     "TOKENS_TABLE",
     "ACLAuthorizer",
     "ACLRules",
@@ -47,10 +53,12 @@ __all__ = [
     "go_quote",
     "parse_rules",
     "rfc3339_nano",
+    "role_json",
 ]
 
 TOKENS_TABLE = "acl_tokens"
 POLICIES_TABLE = "acl_policies"
+ROLES_TABLE = "acl_roles"
 META_TABLE = "acl_meta"
 
 ANONYMOUS_ACCESSOR_ID = "00000000-0000-0000-0000-000000000002"
@@ -618,6 +626,11 @@ class ACLSystem:
                 return dict(rec)
         return None
 
+    @property
+    def roles(self) -> dict[str, Any]:
+        """The role table (ID -> role JSON with ID-only policy links)."""
+        return self.ctx.store.table(ROLES_TABLE)
+
     def policy_by_name(self, name: str) -> dict[str, Any] | None:
         """The policy JSON named ``name``, or None."""
         for pol in self.policies.values():
@@ -625,31 +638,68 @@ class ACLSystem:
                 return dict(pol)
         return None
 
+    def role_by_name(self, name: str) -> dict[str, Any] | None:
+        """The stored role JSON named ``name``, or None."""
+        for role in self.roles.values():
+            if role["Name"] == name:
+                return dict(role)
+        return None
+
+    def _named_links(self, obj: dict[str, Any], key: str, table: Mapping[str, Any]) -> None:
+        """Fill in the current names of ``obj[key]`` links; drop links to deleted targets."""
+        if key not in obj:
+            return
+        links = [
+            {"ID": link["ID"], "Name": table[link["ID"]]["Name"]}
+            for link in obj[key]
+            if link["ID"] in table
+        ]
+        if links:
+            obj[key] = links
+        else:
+            del obj[key]
+
     def token_view(self, rec: Mapping[str, Any], *, hide_secret: bool = False) -> dict[str, Any]:
-        """A token's Consul JSON with policy names filled in (and the secret hidden if asked)."""
+        """A token's Consul JSON with policy and role names filled in (secret hidden if asked).
+
+        Links to deleted policies or roles are left out (state-store fixupTokenPolicyLinks and
+        fixupTokenRoleLinks).
+        """
         tok = json.loads(json.dumps(rec["token"]))
-        if "Policies" in tok:
-            links = []
-            for link in tok["Policies"]:
-                pol = self.policies.get(link["ID"])
-                if pol is not None:
-                    links.append({"ID": link["ID"], "Name": pol["Name"]})
-            if links:
-                tok["Policies"] = links
-            else:
-                del tok["Policies"]
+        self._named_links(tok, "Policies", self.policies)
+        self._named_links(tok, "Roles", self.roles)
         if hide_secret:
             tok["SecretID"] = "<hidden>"
         return _ordered_token(tok)
 
+    def role_view(self, role: Mapping[str, Any]) -> dict[str, Any]:
+        """A role's Consul JSON with policy names filled in (fixupRolePolicyLinks)."""
+        out = json.loads(json.dumps(role))
+        self._named_links(out, "Policies", self.policies)
+        return _ordered_role(out)
+
     # -- resolution -------------------------------------------------------------------------
 
     def rules_for(self, rec: Mapping[str, Any]) -> ACLRules:
-        """The merged rules of a token record (policies and identities)."""
+        """The merged rules of a token record.
+
+        Consul's resolvePoliciesForIdentity: the token's policies, service and node
+        identities, plus the policies and identities of every role it links that still
+        exists (deleted roles and policies are skipped).
+        """
         tok = rec["token"]
         rules = ACLRules()
+        self._merge_grants(rules, tok)
+        for link in tok.get("Roles", []):
+            role = self.roles.get(link["ID"])
+            if role is not None:
+                self._merge_grants(rules, role)
+        return rules
+
+    def _merge_grants(self, rules: ACLRules, holder: Mapping[str, Any]) -> None:
+        """Merge the policy links and identities of a token or role into ``rules``."""
         dc = self.ctx.config.datacenter
-        for link in tok.get("Policies", []):
+        for link in holder.get("Policies", []):
             pol = self.policies.get(link["ID"])
             if pol is None:
                 continue
@@ -660,15 +710,14 @@ class ACLSystem:
                 rules.merge(parse_rules(pol.get("Rules", "")))
             except (ACLRulesError, ValueError):
                 continue
-        for ident in tok.get("ServiceIdentities", []):
+        for ident in holder.get("ServiceIdentities", []):
             dcs = ident.get("Datacenters") or []
             if dcs and dc not in dcs:
                 continue
             rules.merge(_service_identity_rules(ident["ServiceName"]))
-        for ident in tok.get("NodeIdentities", []):
+        for ident in holder.get("NodeIdentities", []):
             if ident.get("Datacenter") == dc:
                 rules.merge(_node_identity_rules(ident["NodeName"]))
-        return rules
 
     def not_found_error(self) -> HTTPError:
         """The 403 for an unknown secret (with the bootstrap hint before bootstrapping)."""
@@ -717,11 +766,32 @@ _TOKEN_ORDER = (
 )
 
 
-def _ordered_token(tok: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: tok[k] for k in _TOKEN_ORDER if k in tok}
-    for k, v in tok.items():
+_ROLE_ORDER = (
+    "ID",
+    "Name",
+    "Description",
+    "Policies",
+    "ServiceIdentities",
+    "NodeIdentities",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+)
+
+
+def _ordered(obj: Mapping[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    out = {k: obj[k] for k in order if k in obj}
+    for k, v in obj.items():
         out.setdefault(k, v)
     return out
+
+
+def _ordered_token(tok: Mapping[str, Any]) -> dict[str, Any]:
+    return _ordered(tok, _TOKEN_ORDER)
+
+
+def _ordered_role(role: Mapping[str, Any]) -> dict[str, Any]:
+    return _ordered(role, _ROLE_ORDER)
 
 
 def token_hash(tok: Mapping[str, Any]) -> str:
@@ -738,6 +808,7 @@ def token_json(
     secret: str,
     description: str = "",
     policies: Iterable[Mapping[str, str]] = (),
+    roles: Iterable[Mapping[str, str]] = (),
     service_identities: Iterable[Mapping[str, Any]] = (),
     node_identities: Iterable[Mapping[str, str]] = (),
     local: bool = False,
@@ -751,6 +822,9 @@ def token_json(
     pols = [{"ID": p["ID"]} for p in policies]
     if pols:
         tok["Policies"] = pols
+    role_links = [{"ID": r["ID"]} for r in roles]
+    if role_links:
+        tok["Roles"] = role_links
     sids = [dict(s) for s in service_identities]
     if sids:
         tok["ServiceIdentities"] = sids
@@ -791,3 +865,39 @@ def policy_json(
     pol["CreateIndex"] = create_index
     pol["ModifyIndex"] = modify_index
     return pol
+
+
+def role_json(
+    role_id: str,
+    name: str,
+    description: str,
+    *,
+    policies: Iterable[Mapping[str, str]] = (),
+    service_identities: Iterable[Mapping[str, Any]] = (),
+    node_identities: Iterable[Mapping[str, str]] = (),
+    create_index: int,
+    modify_index: int,
+) -> dict[str, Any]:
+    """A role's stored Consul JSON (structs.ACLRole, CE: no Namespace/Partition).
+
+    ``Description`` is always present; ``Policies`` (ID-only links here),
+    ``ServiceIdentities`` and ``NodeIdentities`` are omitted when empty. ``Hash`` is the
+    base64 of a 32-byte BLAKE2b over the content fields (ACLRole.SetHash: not the ID and
+    not the indexes).
+    """
+    role: dict[str, Any] = {"ID": role_id, "Name": name, "Description": description}
+    pols = [{"ID": p["ID"]} for p in policies]
+    if pols:
+        role["Policies"] = pols
+    sids = [dict(s) for s in service_identities]
+    if sids:
+        role["ServiceIdentities"] = sids
+    nids = [dict(n) for n in node_identities]
+    if nids:
+        role["NodeIdentities"] = nids
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps([name, description, [p["ID"] for p in pols], sids, nids]).encode())
+    role["Hash"] = base64.b64encode(h.digest()).decode()
+    role["CreateIndex"] = create_index
+    role["ModifyIndex"] = modify_index
+    return role

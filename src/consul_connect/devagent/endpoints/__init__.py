@@ -5,6 +5,7 @@ from __future__ import annotations
 from consul_connect.devagent.context import AgentContext
 from consul_connect.devagent.endpoints import (
     acl,
+    acl_roles,
     agent,
     catalog,
     config_entries,
@@ -20,5 +21,15 @@ __all__ = ["register_all"]
 
 def register_all(router: Router, ctx: AgentContext) -> None:
     """Register every endpoint group on ``router``."""
-    for module in (status, agent, catalog, connect_ca, intentions, config_entries, acl, query):
+    for module in (
+        status,
+        agent,
+        catalog,
+        connect_ca,
+        intentions,
+        config_entries,
+        acl,
+        acl_roles,
+        query,
+    ):
         module.register(router, ctx)

@@ -1,5 +1,8 @@
 """Dev agent endpoints: ``/v1/acl/*`` (tokens, policies, bootstrap), consul-api.md §6.
 
+Roles have their own module (:mod:`consul_connect.devagent.endpoints.acl_roles`); tokens link
+them here.
+
 With ACLs disabled every route answers 401 ``ACL support disabled``. Validation texts,
 status codes and the token/policy JSON follow Consul CE; the rights themselves are
 evaluated by :mod:`consul_connect.devagent.acl`.
@@ -21,6 +24,7 @@ from consul_connect.devagent.acl import (
     META_TABLE,
     POLICIES_TABLE,
     RESERVED_ID_PREFIX,
+    ROLES_TABLE,
     TOKENS_TABLE,
     ACLRulesError,
     ACLSystem,
@@ -113,14 +117,24 @@ def _check_id(value: str, what: str, system: ACLSystem) -> None:
             raise HTTPError(500, f"Invalid Token: {what} is already in use")
 
 
-def _policy_links(raw: Any, system: ACLSystem, prefix: str) -> list[dict[str, str]]:
+def _links(
+    raw: Any,
+    prefix: str,
+    kind: str,
+    by_id: Callable[[str], bool],
+    by_name: Callable[[str], dict[str, Any] | None],
+) -> list[dict[str, str]]:
+    """A token's ``Policies`` or ``Roles`` (``kind`` "policy" or "role"): each link
+    resolved by ID or name, kept by ID, duplicates dropped (token_writer.go
+    normalizePolicyLinks / normalizeRoleLinks)."""
+    field, go_type = ("Policies", "Policy") if kind == "policy" else ("Roles", "Role")
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise HTTPError(
             400,
             f"{prefix}: json: cannot unmarshal {go_json_kind(raw)} into Go struct field "
-            "ACLToken.Policies of type []structs.ACLTokenPolicyLink",
+            f"ACLToken.{field} of type []structs.ACLToken{go_type}Link",
         )
     out: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -129,39 +143,26 @@ def _policy_links(raw: Any, system: ACLSystem, prefix: str) -> list[dict[str, st
             raise HTTPError(
                 400,
                 f"{prefix}: json: cannot unmarshal {go_json_kind(link)} into Go "
-                "struct field ACLToken.Policies of type structs.ACLTokenPolicyLink",
+                f"struct field ACLToken.{field} of type structs.ACLToken{go_type}Link",
             )
-        pid = get_ci(link, "ID") or ""
-        name = get_ci(link, "Name") or ""
-        if pid:
-            if pid not in system.policies:
-                raise HTTPError(500, f"No such ACL policy with ID {go_quote(str(pid))}")
+        lid = str(get_ci(link, "ID") or "")
+        name = str(get_ci(link, "Name") or "")
+        if lid:
+            if not by_id(lid):
+                raise HTTPError(500, f"No such ACL {kind} with ID {go_quote(lid)}")
         else:
-            pol = system.policy_by_name(str(name))
-            if pol is None:
-                raise HTTPError(500, f"No such ACL policy with name {go_quote(str(name))}")
-            pid = pol["ID"]
-        if pid not in seen:
-            seen.add(pid)
-            out.append({"ID": pid})
+            found = by_name(name)
+            if found is None:
+                raise HTTPError(500, f"No such ACL {kind} with name {go_quote(name)}")
+            lid = found["ID"]
+        if lid not in seen:
+            seen.add(lid)
+            out.append({"ID": lid})
     return out
 
 
-def _role_links(raw: Any) -> None:
-    # The dev agent has no roles: every role link names something that does not exist.
-    if not raw:
-        return
-    for link in raw if isinstance(raw, list) else [raw]:
-        if isinstance(link, dict):
-            rid = get_ci(link, "ID") or ""
-            if rid:
-                raise HTTPError(500, f"No such ACL role with ID {go_quote(str(rid))}")
-            raise HTTPError(
-                500, f"No such ACL role with name {go_quote(str(get_ci(link, 'Name') or ''))}"
-            )
-
-
-def _service_identities(raw: Any, local: bool) -> list[dict[str, Any]]:
+def _service_identities(raw: Any, local: bool, *, on: str = "token") -> list[dict[str, Any]]:
+    """Validate and merge service identities (``on`` names the holder in the texts)."""
     if not raw:
         return []
     merged: dict[str, list[str]] = {}
@@ -172,7 +173,7 @@ def _service_identities(raw: Any, local: bool) -> list[dict[str, Any]]:
         name = get_ci(ident, "ServiceName", "service_name") or ""
         dcs = get_ci(ident, "Datacenters") or []
         if not name:
-            raise HTTPError(500, "Service identity is missing the service name field on this token")
+            raise HTTPError(500, f"Service identity is missing the service name field on this {on}")
         if not isinstance(name, str) or len(name) > 256 or not _IDENTITY_NAME_RE.match(name):
             raise HTTPError(
                 500,
@@ -200,7 +201,8 @@ def _service_identities(raw: Any, local: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _node_identities(raw: Any) -> list[dict[str, str]]:
+def _node_identities(raw: Any, *, on: str = "token") -> list[dict[str, str]]:
+    """Validate and de-duplicate node identities (``on`` names the holder in the texts)."""
     out: list[dict[str, str]] = []
     for ident in raw if isinstance(raw, list) else []:
         if not isinstance(ident, dict):
@@ -208,9 +210,9 @@ def _node_identities(raw: Any) -> list[dict[str, str]]:
         name = get_ci(ident, "NodeName", "node_name") or ""
         dc = get_ci(ident, "Datacenter") or ""
         if not name:
-            raise HTTPError(500, "Node identity is missing the node name field on this token")
+            raise HTTPError(500, f"Node identity is missing the node name field on this {on}")
         if not dc:
-            raise HTTPError(500, "Node identity is missing the datacenter field on this token")
+            raise HTTPError(500, f"Node identity is missing the datacenter field on this {on}")
         if not isinstance(name, str) or len(name) > 256 or not _IDENTITY_NAME_RE.match(name):
             raise HTTPError(
                 500,
@@ -327,8 +329,16 @@ def _token_from_body(
         create_ns = _parse_time_ns(old["CreateTime"], prefix)
         create_index = old["CreateIndex"]
 
-    policies = _policy_links(get_ci(raw, "Policies"), system, prefix)
-    _role_links(get_ci(raw, "Roles"))
+    policies = _links(
+        get_ci(raw, "Policies"),
+        prefix,
+        "policy",
+        system.policies.__contains__,
+        system.policy_by_name,
+    )
+    roles = _links(
+        get_ci(raw, "Roles"), prefix, "role", system.roles.__contains__, system.role_by_name
+    )
     sids = _service_identities(get_ci(raw, "ServiceIdentities"), bool(local))
     nids = _node_identities(get_ci(raw, "NodeIdentities"))
     idx = req.ctx.store.next_index()
@@ -337,6 +347,7 @@ def _token_from_body(
         secret=secret,
         description=description,
         policies=policies,
+        roles=roles,
         service_identities=sids,
         node_identities=nids,
         local=bool(local),
@@ -414,7 +425,7 @@ def register(router: Router, ctx: AgentContext) -> None:
             rec = system.find_by_secret(secret) if secret else None
             return ctx.store.max_index(TOKENS_TABLE), rec
 
-        index, rec = await blocking_query(req, [TOKENS_TABLE], run)
+        index, rec = await blocking_query(req, [TOKENS_TABLE, ROLES_TABLE], run)
         if rec is None:
             raise HTTPError(404, "Supplied token does not exist")
         return query_response(req, system.token_view(rec), index)
@@ -441,12 +452,15 @@ def register(router: Router, ctx: AgentContext) -> None:
                     s["ServiceName"] for s in tok.get("ServiceIdentities", [])
                 ]:
                     continue
-                if role or method:
+                if role and role not in [r["ID"] for r in tok.get("Roles", [])]:
+                    continue
+                if method:
+                    # The dev agent has no auth methods, so no token came from one.
                     continue
                 out.append(system.token_view(rec, hide_secret=not show_secret))
-            return ctx.store.max_index(TOKENS_TABLE, POLICIES_TABLE), out
+            return ctx.store.max_index(TOKENS_TABLE, POLICIES_TABLE, ROLES_TABLE), out
 
-        index, out = await blocking_query(req, [TOKENS_TABLE, POLICIES_TABLE], run)
+        index, out = await blocking_query(req, [TOKENS_TABLE, POLICIES_TABLE, ROLES_TABLE], run)
         return query_response(req, out, index)
 
     @router.route("/v1/acl/token/", "GET", "PUT", "DELETE")
@@ -476,7 +490,7 @@ def register(router: Router, ctx: AgentContext) -> None:
                 rec = None
             return ctx.store.max_index(TOKENS_TABLE), rec
 
-        index, rec = await blocking_query(req, [TOKENS_TABLE], run)
+        index, rec = await blocking_query(req, [TOKENS_TABLE, ROLES_TABLE], run)
         if rec is None:
             raise HTTPError(404, "Requested token does not exist: ACL not found")
         return query_response(req, system.token_view(rec, hide_secret=not show_secret), index)
@@ -509,6 +523,7 @@ def register(router: Router, ctx: AgentContext) -> None:
         body: dict[str, Any] = {
             "Description": get_ci(raw, "Description") or old["Description"],
             "Policies": old.get("Policies", []),
+            "Roles": [r for r in old.get("Roles", []) if r["ID"] in system.roles],
             "ServiceIdentities": old.get("ServiceIdentities", []),
             "NodeIdentities": old.get("NodeIdentities", []),
             "Local": old.get("Local", False),

@@ -187,12 +187,19 @@ def _intentions_for_destination(ctx: AgentContext, name: str) -> list[Intention]
 
 
 def _intentions_for_source(ctx: AgentContext, name: str) -> list[Intention]:
-    """Intentions whose (local) source is ``name`` or ``*``, in evaluation order."""
-    return [
-        ixn
-        for ixn in all_intentions(ctx)
-        if not ixn.source_peer and ixn.source_name in (name, WILDCARD)
-    ]
+    """Intentions whose source is ``name`` or ``*``, in evaluation order.
+
+    As Consul's readSourceIntentionsFromConfigEntriesForServiceTxn: an entry is found
+    through a local source of that name, and then every source of that name in it is
+    returned, peered ones included.
+    """
+    out: list[Intention] = []
+    for raw in list_entries(ctx, SERVICE_INTENTIONS):
+        ixns = ServiceIntentionsEntry.from_json(raw).to_intentions()
+        for wanted in {name, WILDCARD}:
+            if any(not i.source_peer and i.source_name == wanted for i in ixns):
+                out.extend(i for i in ixns if i.source_name == wanted)
+    return sort_intentions(out)
 
 
 def _find_legacy(ctx: AgentContext, legacy_id: str) -> tuple[ServiceIntentionsEntry, int] | None:
@@ -249,6 +256,15 @@ def _decode_intention(req: Request, prefix: str, status: int) -> Intention:
         raise HTTPError(status, f"{prefix}: {exc}") from None
 
 
+def _refuse_source_peer(ixn: Intention) -> None:
+    # Intention.Apply (agent/consul/intention_endpoint.go) refuses this before anything else,
+    # for the legacy and the exact API alike.
+    if ixn.source_peer:
+        raise HTTPError(
+            500, "SourcePeer field is not supported on this endpoint. Use config entries instead"
+        )
+
+
 def _now() -> str:
     return rfc3339_nano(time.time_ns())
 
@@ -295,6 +311,7 @@ def register(router: Router, ctx: AgentContext) -> None:
                 raise HTTPError(
                     400, f"Invalid {label}({ns}): Namespaces is a Consul Enterprise feature"
                 )
+        _refuse_source_peer(ixn)
         authz = req.authz
         if not ixn.destination_name or not authz.allowed(
             "intention", "write", ixn.destination_name
@@ -361,6 +378,7 @@ def register(router: Router, ctx: AgentContext) -> None:
 
     def _legacy_update(req: Request, legacy_id: str) -> Response:
         ixn = _decode_intention(req, "Request decode failed", 400)
+        _refuse_source_peer(ixn)
         authz = req.authz
         if not ixn.destination_name or not authz.allowed(
             "intention", "write", ixn.destination_name
@@ -464,6 +482,7 @@ def register(router: Router, ctx: AgentContext) -> None:
 
     def _exact_put(req: Request, src: _Name, dst: _Name) -> Response:
         ixn = _decode_intention(req, "Request decode failed", 400)
+        _refuse_source_peer(ixn)
         ixn = replace(
             ixn,
             id="",
@@ -508,11 +527,13 @@ def register(router: Router, ctx: AgentContext) -> None:
             return json_response(True)
         prev = ServiceIntentionsEntry.from_json(prev_raw)
         wanted = SourceIntention(name=src.name)
-        sources = [s for s in prev.sources if not _same_source(s, wanted)]
-        if len(sources) == len(prev.sources):
+        pos = next((i for i, s in enumerate(prev.sources) if _same_source(s, wanted)), None)
+        if pos is None:
             return json_response(True)  # nothing matched: a no-op, as in Consul
+        # DeleteSourceByName removes the first match only.
+        sources = prev.sources[:pos] + prev.sources[pos + 1 :]
         apply_intentions_entry(
-            ctx, replace(prev, sources=tuple(sources)), dst.name, legacy=False, authz=authz
+            ctx, replace(prev, sources=sources), dst.name, legacy=False, authz=authz
         )
         return json_response(True)
 
@@ -651,8 +672,9 @@ def register(router: Router, ctx: AgentContext) -> None:
 
 
 def _same_source(a: SourceIntention, b: SourceIntention) -> bool:
-    return (a.peer, a.partition or "default", a.namespace or _DEFAULT_NS, a.name) == (
-        b.peer,
+    # Consul's UpsertSourceByName/DeleteSourceByName compare SourceServiceName() only: the
+    # peer is not part of it, so the exact API's writes also hit a peered source of that name.
+    return (a.partition or "default", a.namespace or _DEFAULT_NS, a.name) == (
         b.partition or "default",
         b.namespace or _DEFAULT_NS,
         b.name,
