@@ -245,7 +245,7 @@ async def test_last_intentions_keep_deciding_while_the_agent_fails() -> None:
         await authz.aclose()
 
 
-async def test_missing_intentions_read_right_is_raised_from_wait_ready() -> None:
+async def test_missing_intentions_read_right_is_raised_from_wait_ready_then_retried() -> None:
     fake = FakeAgent([])
     fake.match_error = AgentPermissionError("lacks permission 'intentions:read'", status=403)
     errors: list[BaseException] = []
@@ -254,9 +254,14 @@ async def test_missing_intentions_read_right_is_raised_from_wait_ready() -> None
     try:
         with pytest.raises(AgentPermissionError):
             await authz.wait_ready(5)
-        assert fake.match_calls == 1, "a permission error must not be retried silently"
+        assert fake.match_calls == 1, "a permission error is raised at once, not waited out"
         assert isinstance(errors[-1], AgentPermissionError)
         assert not authz.decide(ident("web")).allowed
+        # The right is granted later (e.g. through a role): the watch, retrying, picks it up.
+        fake.match_error = None
+        await until(lambda: authz.ready, timeout=10)  # wait_ready raises the latest 403 at once
+        assert authz.failure is None
+        assert authz.decide(ident("web")).allowed
     finally:
         await authz.aclose()
 

@@ -141,7 +141,7 @@ class _Listeners:
 
 def _report(on_error: ErrorHook | None, exc: BaseException, what: str) -> None:
     if isinstance(exc, AgentPermissionError):
-        # A missing ACL right never fixes itself: say so loudly every time.
+        # A missing ACL right needs an operator: say so loudly every time.
         logger.error("%s: %s", what, exc)
     else:
         logger.warning("%s: %s", what, exc)
@@ -443,7 +443,8 @@ class IntentionAuthorizer(_Listeners):
     Before the first data every decision is a denial (``"no intention data yet"``). When
     the agent goes away the last data keeps deciding. Watch errors go to ``on_error``; an
     :class:`~consul_connect.errors.AgentPermissionError` (token lacks ``intentions:read``)
-    ends the watch, is reported, and is raised by :meth:`wait_ready`.
+    is reported, raised by :meth:`wait_ready` while no data has arrived, and retried with a
+    capped back-off (a token's rights can be granted later, e.g. through a role).
     """
 
     def __init__(
@@ -469,6 +470,7 @@ class IntentionAuthorizer(_Listeners):
         self._set: IntentionSet | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._denied = asyncio.Event()  # set while the latest answer was a 403
         self._fatal: BaseException | None = None
         self.updates = 0
 
@@ -484,7 +486,7 @@ class IntentionAuthorizer(_Listeners):
 
     @property
     def failure(self) -> BaseException | None:
-        """The error that ended the watch (e.g. a permission error), if any."""
+        """The error that ended the watch, or the permission error it is retrying, if any."""
         return self._fatal
 
     def decide(self, identity: ServiceIdentity) -> Decision:
@@ -530,13 +532,15 @@ class IntentionAuthorizer(_Listeners):
         if self._set is not None:
             return
         waiter = asyncio.ensure_future(self._ready.wait())
-        pending: set[asyncio.Future[Any]] = {waiter}
+        denied = asyncio.ensure_future(self._denied.wait())
+        pending: set[asyncio.Future[Any]] = {waiter, denied}
         if self._task is not None:
             pending.add(self._task)
         try:
             await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+            denied.cancel()
         if self._set is not None:
             return
         if self._fatal is not None:
@@ -598,6 +602,32 @@ class IntentionAuthorizer(_Listeners):
                 return False
             return found
 
+    async def _follow(
+        self,
+        fetch: Callable[[int, float], Any],
+        on_error: Callable[[BaseException], None],
+        default_allow: bool,
+    ) -> None:
+        """Build a new IntentionSet from every change; returns only by raising."""
+        stream = watch(fetch, wait=self._wait, on_error=on_error)
+        async with contextlib.aclosing(stream):
+            async for entries in stream:
+                if self._fatal is not None and isinstance(self._fatal, AgentPermissionError):
+                    self._fatal = None  # the agent answers again
+                    self._denied.clear()
+                try:
+                    intentions = [Intention.from_json(e) for e in entries]
+                except (ConsulConnectError, ValueError, TypeError, AttributeError) as exc:
+                    # Keep deciding from the last good data rather than from nothing.
+                    _report(self._on_error, exc, "undecodable intentions; keeping last data")
+                    continue
+                self._set = IntentionSet(intentions, default_allow=default_allow)
+                self.updates += 1
+                self._ready.set()
+                self._notify()
+        raise RuntimeError("the intention watch ended")  # watch() never returns
+
+
     async def _run(self) -> None:
         try:
             default_allow = self._explicit_default
@@ -612,21 +642,23 @@ class IntentionAuthorizer(_Listeners):
             def on_error(exc: BaseException) -> None:
                 _report(self._on_error, exc, f"intention watch for {self.service_name!r}")
 
-            stream = watch(fetch, wait=self._wait, on_error=on_error)
-            async with contextlib.aclosing(stream):
-                async for entries in stream:
-                    try:
-                        intentions = [Intention.from_json(e) for e in entries]
-                    except (ConsulConnectError, ValueError, TypeError, AttributeError) as exc:
-                        # Keep deciding from the last good data rather than from nothing.
-                        _report(self._on_error, exc, "undecodable intentions; keeping last data")
-                        continue
-                    self._set = IntentionSet(intentions, default_allow=default_allow)
-                    self.updates += 1
-                    self._ready.set()
-                    self._notify()
+            delay = 1.0
+            while True:
+                try:
+                    await self._follow(fetch, on_error, default_allow)
+                except AgentPermissionError as exc:
+                    self._fatal = exc
+                    self._denied.set()
+                    _report(
+                        self._on_error,
+                        exc,
+                        f"intention watch for {self.service_name!r} refused; retrying in "
+                        f"{delay:g}s, decisions use the last data",
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
         except Exception as exc:
-            # A permission error (or a bug) ends the watch; say so instead of dying quietly.
+            # A bug (or an unretried error) ends the watch; say so instead of dying quietly.
             self._fatal = exc
             _report(
                 self._on_error,
