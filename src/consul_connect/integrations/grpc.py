@@ -82,7 +82,6 @@ __all__ = [
 
 log = logging.getLogger("consul_connect.integrations.grpc")
 
-_AUTHORIZE_TIMEOUT = 10.0
 _NO_LONGER_ALLOWED = "consul-connect: an intention change denied the caller"
 _ending: set[asyncio.Task[None]] = set()
 
