@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -235,6 +235,9 @@ class Service:
         self._roots: RootSet | None = None
         self._hooks: list[EventHook] = []
         self._counters = _Counters()
+        # Counters are bumped from the runtime thread, listener workers and callers'
+        # threads at once; `d[k] = d.get(k, 0) + 1` unlocked loses updates.
+        self._counters_lock = threading.Lock()
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None
         self._closed = False
@@ -249,6 +252,7 @@ class Service:
         self._servers: list[tuple[asyncio.AbstractEventLoop, asyncio.AbstractServer]] = []
         self._resolvers: dict[str, Resolver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._closing: asyncio.Task[None] | None = None
         self._hub: Any = None
         self._registration: Any = None
         self._server_ctx = DynamicServerContext(
@@ -493,9 +497,11 @@ class Service:
     def statistics(self) -> ServiceStatistics:
         """Return a frozen snapshot of this Service's state and counters."""
         m = self._material
-        c = self._counters
         with self._tracked_lock:
             active = len(self._tracked)
+        with self._counters_lock:
+            c = replace(self._counters)
+            c.rejected_by_reason = dict(c.rejected_by_reason)
         return ServiceStatistics(
             name=self.name,
             ready=self.ready,
@@ -506,7 +512,7 @@ class Service:
             active_connections=active,
             accepted=c.accepted,
             rejected=c.rejected,
-            rejected_by_reason=dict(c.rejected_by_reason),
+            rejected_by_reason=c.rejected_by_reason,
             dialed=c.dialed,
             dial_failures=c.dial_failures,
             requests_denied=c.requests_denied,
@@ -537,7 +543,8 @@ class Service:
                 log.exception("event hook failed for %s", event.kind)
 
     def _on_watch_error(self, exc: BaseException) -> None:
-        self._counters.watch_errors += 1
+        with self._counters_lock:
+            self._counters.watch_errors += 1
         self._last_error = exc
         log.warning("service %s: watch error: %s", self.name, exc)
         self._emit(ServiceEvent("watch_error", self.name, error=exc, reason=str(exc)))
@@ -560,7 +567,8 @@ class Service:
         self._roots = roots
         self._publish()
         if changed:
-            self._counters.roots_changes += 1
+            with self._counters_lock:
+                self._counters.roots_changes += 1
             self._emit(ServiceEvent("roots_changed", self.name, reason=roots.active_root_id))
 
     def _set_leaf(self, leaf: Leaf) -> None:
@@ -568,7 +576,8 @@ class Service:
         self._leaf = leaf
         self._publish()
         if old is not None and old.serial_number != leaf.serial_number:
-            self._counters.leaf_rotations += 1
+            with self._counters_lock:
+                self._counters.leaf_rotations += 1
             self._emit(ServiceEvent("leaf_rotated", self.name, serial=leaf.serial_number))
 
     def _publish(self) -> None:
@@ -685,8 +694,10 @@ class Service:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until this Service has certificates; return at once if it already has.
 
-        Raises :class:`AgentPermissionError` at once when the token lacks
-        ``service:write`` and :class:`NotReadyError` (naming the likely cause) on timeout.
+        Raises :class:`AgentPermissionError` at once when the agent's latest answer to the
+        leaf, registration or intention watch was a 403 (the token lacks ``service:write``
+        or ``intentions:read``; the watches keep retrying), and :class:`NotReadyError`
+        (naming the likely cause) on timeout.
         """
         deadline = time.monotonic() + timeout
         with self._ready_changed:
@@ -712,7 +723,7 @@ class Service:
         if isinstance(cause, AgentUnavailableError):
             why = f"the Consul agent is unreachable or failing ({cause})"
         elif isinstance(cause, AgentPermissionError):
-            why = f"the ACL token lacks service:write on {self.name!r} ({cause})"
+            why = f"the ACL token lacks a right the Service needs ({cause})"
         elif isinstance(cause, AgentNotFoundError):
             why = f"the agent does not know service {self.name!r} ({cause})"
         elif isinstance(cause, CertificateError):
@@ -798,7 +809,8 @@ class Service:
         if not decision.allowed and not (per_request_l7 and _l7_match(decision)):
             self._reject(identity, decision.reason)
             raise PeerRejected(decision.reason, peer=identity.uri)
-        self._counters.accepted += 1
+        with self._counters_lock:
+            self._counters.accepted += 1
         if self._hooks:  # once per connection: no event object for nobody
             self._emit(
                 ServiceEvent("peer_allowed", self.name, peer=identity, reason=decision.reason)
@@ -810,7 +822,8 @@ class Service:
 
         Integrations call this; it is reported as a ``request_denied`` event.
         """
-        self._counters.requests_denied += 1
+        with self._counters_lock:
+            self._counters.requests_denied += 1
         log.info("service %s refused a request from %s: %s", self.name, identity.uri, reason)
         self._emit(ServiceEvent("request_denied", self.name, peer=identity, reason=reason))
 
@@ -819,9 +832,10 @@ class Service:
 
     def _reject(self, identity: ServiceIdentity | None, reason: str) -> None:
         c = self._counters
-        c.rejected += 1
         key = reason.split(":", 1)[0]
-        c.rejected_by_reason[key] = c.rejected_by_reason.get(key, 0) + 1
+        with self._counters_lock:
+            c.rejected += 1
+            c.rejected_by_reason[key] = c.rejected_by_reason.get(key, 0) + 1
         log.info(
             "service %s refused %s: %s", self.name, identity.uri if identity else "peer", reason
         )
@@ -1110,6 +1124,9 @@ class Service:
         return found if isinstance(found, list) and found else None
 
     async def _resolve(self, target: str | Resolver | Endpoint) -> list[Endpoint]:
+        # Checked again on the loop: a caller that passed the check before close() must
+        # not add a watch once close() has begun stopping them (or grow the dict it walks).
+        self._check_open()
         resolver = self._resolver(target)
         if isinstance(target, str):
             # A name dialled once is likely dialled again: keep its instances watched and
@@ -1162,7 +1179,8 @@ class Service:
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 failures.append((f"{ep.host}:{ep.port}", _describe(exc)))
                 continue
-            self._counters.dialed += 1
+            with self._counters_lock:
+                self._counters.dialed += 1
             return sock
         raise self._dial_error(target, failures, identity_failures)
 
@@ -1248,7 +1266,8 @@ class Service:
                 if writer is not None:
                     writer.transport.abort()
                 continue
-            self._counters.dialed += 1
+            with self._counters_lock:
+                self._counters.dialed += 1
             _remember_stream_peer(ep.identity, opened)
             return reader, opened
         raise self._dial_error(target, failures, identity_failures)
@@ -1256,7 +1275,8 @@ class Service:
     def _dial_error(
         self, target: Any, failures: list[tuple[str, str]], identity_failures: int
     ) -> DialError:
-        self._counters.dial_failures += 1
+        with self._counters_lock:
+            self._counters.dial_failures += 1
         detail = "; ".join(f"{addr}: {why}" for addr, why in failures)
         msg = f"could not connect to {_name(target)}: {detail}"
         if failures and identity_failures == len(failures):
@@ -1286,6 +1306,12 @@ class Service:
         for t in tracked:
             with contextlib.suppress(Exception):
                 t.close()
+        if threading.current_thread() is self._runtime.thread:
+            # Called from an event hook: the loop cannot run the shutdown while we wait
+            # for it, so it runs after the hook returns.
+            self._closing = self._runtime.loop.create_task(self._aclose_background())
+            self._closing.add_done_callback(lambda _: self._runtime.release())
+            return
         try:
             self._runtime.run(self._aclose_background(), timeout=_CLOSE_TIMEOUT)
         except (TimeoutError, RuntimeError):
@@ -1312,7 +1338,7 @@ class Service:
         if self._registration is not None:
             with contextlib.suppress(Exception):
                 await self._registration.aclose()
-        for r in self._resolvers.values():
+        for r in list(self._resolvers.values()):
             closer = getattr(r, "aclose", None)
             if closer is not None:
                 with contextlib.suppress(Exception):

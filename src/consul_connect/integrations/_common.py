@@ -213,6 +213,11 @@ class PoolSet(Generic[P]):
         """A request on ``entry`` finished; return its pool if it is now due to close."""
         with self.lock:
             entry.active -= 1
+            if self.closed and entry.active == 0:
+                # close() closed this pool while a request held it; the request may
+                # have dialled a new connection into it since, which only closing it
+                # again ends (closing twice is harmless).
+                return [entry.pool]
             if entry.retired and entry.active == 0 and entry in self.retired:
                 self.retired.remove(entry)
                 return [entry.pool]

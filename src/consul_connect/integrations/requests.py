@@ -278,7 +278,12 @@ class ConnectAdapter(HTTPAdapter):
             if remaining <= 0:
                 timed_out = True
                 break
-            entry, due = self._pools.acquire(ep, material, self._new_pool)
+            try:
+                entry, due = self._pools.acquire(ep, material, self._new_pool)
+            except RuntimeError as exc:
+                # close() ran on another thread since this request began: report it as
+                # requests reports a closed pool.
+                raise requests.ConnectionError(str(exc), request=request) from exc
             self._close(due)
             self._local.pool = entry.pool
             try:
