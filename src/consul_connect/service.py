@@ -18,6 +18,7 @@ import functools
 import itertools
 import logging
 import queue
+import re
 import selectors
 import socket
 import ssl
@@ -84,6 +85,7 @@ _LEAF_WAIT = 300.0
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _CLOSE_TIMEOUT = 10.0
+_SPIFFE_URI = re.compile(r"spiffe://\S+")
 _MAX_WATCHED_NAMES = 128
 """Names whose instances a Service keeps watched; beyond this the oldest watch stops.
 
@@ -832,7 +834,8 @@ class Service:
 
     def _reject(self, identity: ServiceIdentity | None, reason: str) -> None:
         c = self._counters
-        key = reason.split(":", 1)[0]
+        # The part before the first ":" names the rule; a peer's URI is not part of it.
+        key = _SPIFFE_URI.sub("<peer>", reason).split(":", 1)[0]
         with self._counters_lock:
             c.rejected += 1
             c.rejected_by_reason[key] = c.rejected_by_reason.get(key, 0) + 1
@@ -946,6 +949,7 @@ class Service:
         options it takes ``limit`` and ``backlog`` (others are a ``ConfigError``).
         """
         check_transport(tls_transport)
+        self._check_serving()
         await self.wait_ready_async()
         handshake_timeout = float(kwargs.pop("ssl_handshake_timeout", HANDSHAKE_TIMEOUT))
         loop = asyncio.get_running_loop()
@@ -1050,6 +1054,7 @@ class Service:
 
         Each peer's TLS handshake must finish within ``handshake_timeout`` seconds.
         """
+        self._check_serving()
         self.wait_ready()
         listener = ConnectListener(self, host, port, backlog, handshake_timeout)
         self._listeners.append(listener)
@@ -1107,6 +1112,11 @@ class Service:
     def _check_open(self) -> None:
         if self._closed:
             raise DialError(f"service {self.name!r} is closed")
+
+    def _check_serving(self) -> None:
+        # A server opened after close() would be one that nothing ever closes.
+        if self._closed:
+            raise NotReadyError(f"service {self.name!r} is closed")
 
     def _resolved_locally(self, target: str | Resolver | Endpoint) -> list[Endpoint] | None:
         """Instances known without I/O (an endpoint, a watched name), else None.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -13,7 +14,7 @@ import pytest
 
 from consul_connect.authz.authorizers import AllowIdentities, AllowTrustDomain
 from consul_connect.discovery import Endpoint
-from consul_connect.errors import ConfigError, DialError, ServerIdentityError
+from consul_connect.errors import ConfigError, DialError, NotReadyError, ServerIdentityError
 from consul_connect.service import Service, ServiceEvent, get_peer_identity
 from consul_connect.testing import TestCA
 
@@ -207,6 +208,45 @@ def test_close_leaves_no_thread_behind(ca: TestCA) -> None:
     assert "consul-connect-runtime" not in after - before
     with pytest.raises(OSError):
         listener.accept(timeout=0.1)
+
+
+async def test_a_closed_service_opens_no_new_server(ca: TestCA) -> None:
+    svc = Service.from_test_ca(ca, "solo", authorizer=AllowTrustDomain(ca.trust_domain))
+    svc.close()
+    with pytest.raises(NotReadyError, match="closed"):
+        svc.listen()
+    with pytest.raises(NotReadyError, match="closed"):
+        await svc.start_server(lambda r, w: None)
+
+
+def test_refusals_are_counted_by_rule_not_by_peer(ca: TestCA) -> None:
+    api = Service.from_test_ca(
+        ca,
+        "api",
+        authorizer=AllowIdentities(f"spiffe://{ca.trust_domain}/ns/default/dc/dc1/svc/ops"),
+    )
+    listener = api.listen()
+    try:
+        for name in ("web", "billing"):
+            caller = Service.from_test_ca(ca, name, authorizer=AllowTrustDomain(ca.trust_domain))
+            try:
+                # The handshake completes; the refusal is a close right after it.
+                conn = caller.connect(Endpoint(*listener.address, api.identity), timeout=5)
+                with conn:
+                    conn.settimeout(5)
+                    with contextlib.suppress(OSError):
+                        conn.recv(1)
+            finally:
+                caller.close()
+        deadline = time.monotonic() + 10
+        while api.statistics().rejected < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert api.statistics().rejected_by_reason == {
+            "identity <peer> is not in the allowed list": 2
+        }
+    finally:
+        listener.close()
+        api.close()
 
 
 def test_a_silent_client_does_not_hold_up_the_sync_listener(
