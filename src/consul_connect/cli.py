@@ -20,6 +20,16 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535: {text!r}")
+    return port
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="consul-connect",
@@ -28,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run the embedded Consul-compatible dev agent")
-    dev.add_argument("--http-port", type=int, default=8500, help="HTTP API port (default 8500)")
+    dev.add_argument("--http-port", type=_port, default=8500, help="HTTP API port (default 8500)")
     dev.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     dev.add_argument("--datacenter", default="dc1", help="datacenter name (default dc1)")
     dev.add_argument("--node-name", default=None, help="node name (default: the hostname)")
@@ -113,7 +123,22 @@ def _run_dev(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        print(f"error: cannot listen on {host}:{config.http_port}: {exc.strerror}", file=sys.stderr)
+        if exc.filename is not None:
+            # Creating or reading --data-dir; a failed bind names no file.
+            print(
+                f"error: cannot use the data directory {config.data_dir}: {exc.strerror}: "
+                f"{exc.filename}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"error: cannot listen on {host}:{config.http_port}: {exc.strerror}",
+                file=sys.stderr,
+            )
+        return 1
+    except ValueError as exc:
+        # An unreadable state file in --data-dir.
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

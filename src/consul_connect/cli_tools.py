@@ -17,8 +17,10 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import math
+import os
 import queue
 import ssl
 import sys
@@ -644,6 +646,13 @@ def _call(args: argparse.Namespace, config: AgentConfig) -> int:
     if body is not None and "content-length" not in names:
         headers.append(("Content-Length", str(len(body))))
     headers.append(("Connection", "close"))
+    import h11
+
+    try:
+        # Refuse a request h11 cannot send before dialing anyone.
+        h11.Request(method=method, target=path, headers=headers)
+    except h11.LocalProtocolError as exc:
+        raise _CommandError(f"cannot send this request: {exc}", "config") from None
 
     started = time.monotonic()
     with _connected(args, config) as (_svc, sock):
@@ -698,7 +707,16 @@ def _header_dict(headers: list[tuple[str, str]]) -> dict[str, str]:
 def _stdin_pump(source: IO[bytes], q: queue.Queue[bytes | None]) -> None:
     """Copy ``source`` into ``q`` chunk by chunk; ``None`` marks the end."""
     try:
-        reader = getattr(source, "read1", source.read)
+        reader: Callable[[int], bytes]
+        try:
+            fd = source.fileno()
+        except (OSError, ValueError):
+            reader = getattr(source, "read1", source.read)
+        else:
+            # Not through the buffered reader: this daemon thread would hold its lock while
+            # blocked, and interpreter shutdown after Ctrl-C then aborts with "Fatal Python
+            # error: could not acquire lock for <stdin>".
+            reader = functools.partial(os.read, fd)
         while True:
             chunk = reader(65536)
             if not chunk:

@@ -160,7 +160,8 @@ class AgentClient:
     ``timeout`` bounds every non-blocking request; a blocking request gets
     ``wait + wait/16 + timeout`` (the server adds up to ``wait/16`` of jitter).
     ``transport`` replaces the network (tests). Construction raises
-    :class:`~consul_connect.errors.ConfigError` if the TLS files cannot be loaded.
+    :class:`~consul_connect.errors.ConfigError` if the TLS files cannot be loaded or the
+    address is not a valid URL authority (a port that is not a number).
     """
 
     def __init__(
@@ -190,14 +191,18 @@ class AgentClient:
         if config.scheme == "https" and config.tls_server_name:
             # Verify (and send SNI for) a name that differs from the host we dial.
             self._extensions["sni_hostname"] = config.tls_server_name
-        self._http = httpx.AsyncClient(
-            base_url=config.base_url,
-            headers=headers,
-            auth=config.http_auth,
-            transport=transport,
-            timeout=timeout,
-            follow_redirects=False,
-        )
+        try:
+            self._http = httpx.AsyncClient(
+                base_url=config.base_url,
+                headers=headers,
+                auth=config.http_auth,
+                transport=transport,
+                timeout=timeout,
+                follow_redirects=False,
+            )
+        except httpx.InvalidURL as exc:
+            # e.g. CONSUL_HTTP_ADDR=127.0.0.1:abc; Go's client refuses it the same way.
+            raise ConfigError(f"invalid agent address {config.address!r}: {exc}") from exc
         self._base_params: Params = []
         if config.namespace:
             self._base_params.append(("ns", config.namespace))

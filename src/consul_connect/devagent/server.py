@@ -247,7 +247,8 @@ def serve_forever(config: DevAgentConfig, announce: Callable[[str], None] | None
     """Serve the dev agent in the foreground until interrupted (the ``dev`` command).
 
     ``announce`` is called with the ``host:port`` actually bound (useful with port 0)
-    before serving starts. Raises ``OSError`` when the address cannot be bound.
+    before serving starts. Raises ``OSError`` when the address cannot be bound or the
+    data directory cannot be used, ``ValueError`` when its state file is damaged.
     """
     app = DevAgentApp(config)
     sock = _bind(config.bind, config.http_port)

@@ -29,7 +29,9 @@ class Store:
 
     ``tables[name]`` is a ``dict`` of JSON-able records that endpoint modules own
     and mutate directly, then call :meth:`commit` naming the tables they changed.
-    Only the event-loop thread of the dev agent touches a Store.
+    Only the event-loop thread of the dev agent touches a Store. With ``data_dir``,
+    construction raises ``OSError`` if the directory cannot be used and ``ValueError``
+    if its state file is damaged.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
@@ -187,13 +189,22 @@ class Store:
             (self._data_dir / (_STATE_FILE + ".tmp")).unlink()
         if not path.exists():
             return
-        doc = json.loads(path.read_text())
-        if doc.get("version") != _FORMAT_VERSION:
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the dev agent state in {path}: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("version") != _FORMAT_VERSION:
             raise ValueError(f"unsupported dev agent state format in {path}")
-        self.index = int(doc["index"])
-        self.table_index = {k: int(v) for k, v in doc["table_index"].items()}
-        self.tables = doc["tables"]
-        self.meta = doc.get("meta", {})
+        try:
+            index = int(doc["index"])
+            table_index = {k: int(v) for k, v in doc["table_index"].items()}
+            tables = doc["tables"]
+            meta = doc.get("meta", {})
+            if not isinstance(tables, dict) or not isinstance(meta, dict):
+                raise TypeError("tables and meta must be objects")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"damaged dev agent state in {path}: {exc!r}") from exc
+        self.index, self.table_index, self.tables, self.meta = index, table_index, tables, meta
 
 
 def _without(rec: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
