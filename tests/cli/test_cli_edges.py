@@ -3,16 +3,12 @@ status, never a traceback."""
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,46 +17,15 @@ import pytest
 
 from consul_connect import cli as entry
 from consul_connect.agent.config import AgentConfig
-from consul_connect.cli_tools import add_subcommands
 from consul_connect.devagent import DevAgent, server
 from consul_connect.service import ConnectListener, Service
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="consul-connect")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Run = Callable[..., Result]
+from tests.cli.support import Run, runner
 
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
-    """Run one command in-process; ``env`` entries are set for the run."""
-    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-    def run(*argv: str, env: dict[str, str] | None = None) -> Result:
-        for name, value in (env or {}).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
-        args = _parser().parse_args(list(argv))
-        code = args.func(args)
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
+    """Run one command in-process (:func:`tests.cli.support.runner`)."""
+    return runner(capsys, monkeypatch)
 
 
 def _echo(listener: ConnectListener) -> None:

@@ -2,59 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from consul_connect.agent.config import AgentConfig
-from consul_connect.cli_tools import add_subcommands
 from consul_connect.devagent import DevAgent
 from consul_connect.service import ConnectListener, Service
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="consul-connect")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Run = Callable[..., Result]
+from tests.cli.support import Run, runner
 
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
-    """Run one command in-process; ``stdin`` bytes replace standard input."""
-    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
-    monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
-    monkeypatch.delenv("CONSUL_HTTP_TOKEN_FILE", raising=False)
-
-    def run(*argv: str, stdin: bytes = b"") -> Result:
-        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        args = _parser().parse_args(list(argv))
-        code = args.func(args)
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
+    """Run one command in-process (:func:`tests.cli.support.runner`)."""
+    return runner(capsys, monkeypatch)
 
 
 @pytest.fixture
@@ -425,8 +392,11 @@ def test_maint_lists_enters_and_leaves_maintenance_mode(
     assert cli("maint", "--enable", *addr).code == 0
     listed = cli("maint", "--json", *addr).json()["maintenance"]
     assert [(e["service_id"], e["reason"]) for e in listed] == [
-        (None, "Maintenance mode is enabled for this node, but no reason was provided. "
-         "This is a default message."),
+        (
+            None,
+            "Maintenance mode is enabled for this node, but no reason was provided. "
+            "This is a default message.",
+        ),
         ("api-1", "deploying"),
     ]
     passing = httpx.get(f"{agent.http_addr}/v1/health/connect/api?passing=1").json()
