@@ -1102,6 +1102,24 @@ def _positive(text: str) -> float:
     return value
 
 
+def _service_name(text: str) -> str:
+    """A service name or Consul DNS name: refused here when empty or with a ``/``, which
+    the agent would answer with an error that looks like its own failure."""
+    if not text.strip() or "/" in text:
+        raise argparse.ArgumentTypeError(f"not a service name: {text!r}")
+    return text
+
+
+def _byte_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument(
         "--http-addr",
@@ -1128,15 +1146,15 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Show a service's leaf certificate (identity, serial, validity, renewal "
         "window) and the CA roots. Needs service:write on SERVICE. Never prints the key.",
     )
-    cert.add_argument("service", help="service name")
+    cert.add_argument("service", type=_service_name, help="service name")
     _common(cert)
     cert.set_defaults(func=run_cert)
 
     ixn = sub.add_parser("intention", help="create, list, get, delete or check intentions")
     ixn_sub = ixn.add_subparsers(dest="intention_command", required=True)
     create = ixn_sub.add_parser("create", help="create an intention SOURCE => DESTINATION")
-    create.add_argument("source")
-    create.add_argument("destination")
+    create.add_argument("source", type=_service_name)
+    create.add_argument("destination", type=_service_name)
     action = create.add_mutually_exclusive_group()
     action.add_argument("--allow", action="store_true", help="allow (the default)")
     action.add_argument("--deny", action="store_true", help="deny instead of allow")
@@ -1150,8 +1168,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "check", help="would SOURCE be allowed to connect to DESTINATION (exit 0 yes, 2 no)"
     )
     for p in (get, delete, check):
-        p.add_argument("source")
-        p.add_argument("destination")
+        p.add_argument("source", type=_service_name)
+        p.add_argument("destination", type=_service_name)
     for p in (create, lst, get, delete, check):
         _common(p)
         p.set_defaults(func=run_intention)
@@ -1175,8 +1193,18 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="send one HTTP request to a service over Connect (the mesh's curl)",
         description="Connect to TARGET as the identity --as and send one HTTP/1.1 request.",
     )
-    call.add_argument("--as", dest="as_service", required=True, help="identity to call as")
-    call.add_argument("target", help="service name or Consul DNS name (api.service.consul)")
+    call.add_argument(
+        "--as",
+        dest="as_service",
+        type=_service_name,
+        required=True,
+        help="identity to call as",
+    )
+    call.add_argument(
+        "target",
+        type=_service_name,
+        help="service name or Consul DNS name (api.service.consul)",
+    )
     call.add_argument("path", nargs="?", default="/", help="request path (default /)")
     call.add_argument("-X", "--request", default=None, help="method (default GET, POST with -d)")
     call.add_argument(
@@ -1188,7 +1216,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     call.add_argument("-i", "--include", action="store_true", help="print response headers")
     call.add_argument("-f", "--fail", action="store_true", help="exit 1 on HTTP status >= 400")
     call.add_argument(
-        "--max-bytes", type=int, default=_DEFAULT_MAX_BYTES, help="largest body accepted"
+        "--max-bytes", type=_byte_count, default=_DEFAULT_MAX_BYTES, help="largest body accepted"
     )
     _common(call)
     call.set_defaults(func=run_call)
@@ -1199,8 +1227,18 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Connect to TARGET as the identity --as, send stdin, print what comes "
         "back. After stdin ends, waits up to --wait seconds for the server to finish.",
     )
-    dial.add_argument("--as", dest="as_service", required=True, help="identity to dial as")
-    dial.add_argument("target", help="service name or Consul DNS name (api.service.consul)")
+    dial.add_argument(
+        "--as",
+        dest="as_service",
+        type=_service_name,
+        required=True,
+        help="identity to dial as",
+    )
+    dial.add_argument(
+        "target",
+        type=_service_name,
+        help="service name or Consul DNS name (api.service.consul)",
+    )
     dial.add_argument(
         "--wait",
         type=_positive,
@@ -1208,7 +1246,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="seconds to keep reading after stdin ends (default 5)",
     )
     dial.add_argument(
-        "--max-bytes", type=int, default=_DEFAULT_MAX_BYTES, help="most bytes to receive"
+        "--max-bytes", type=_byte_count, default=_DEFAULT_MAX_BYTES, help="most bytes to receive"
     )
     dial.add_argument("-v", "--verbose", action="store_true", help="report on stderr")
     _common(dial, json_flag=False)

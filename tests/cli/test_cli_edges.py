@@ -105,6 +105,40 @@ def test_dev_refuses_a_port_out_of_range_as_a_usage_error(
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["cert", ""],
+        ["cert", "a/b"],
+        ["intention", "create", "", "api"],
+        ["intention", "check", "web", "a/b"],
+        ["call", "--as", "bad/name", "api"],
+        ["dial", "--as", "web", " "],
+        ["call", "--as", "web", "api", "--max-bytes", "-1"],
+        ["dial", "--as", "web", "api", "--max-bytes", "x"],
+    ],
+    ids=[
+        "empty",
+        "slash",
+        "empty-source",
+        "slash-destination",
+        "as",
+        "blank-target",
+        "negative-max-bytes",
+        "max-bytes-not-a-number",
+    ],
+)
+def test_names_and_sizes_the_agent_would_refuse_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Sent on, they come back as an agent 500 that reads like "the agent is failing".
+    with pytest.raises(SystemExit) as exited:
+        entry.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "not a service name" in err or "max-bytes" in err
+
+
+@pytest.mark.parametrize(
     "content",
     ['{"version": 1, "index": ', "[]", '{"version": 1}', '{"version": 7}'],
     ids=["truncated", "not-an-object", "missing-fields", "other-version"],
