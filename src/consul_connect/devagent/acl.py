@@ -802,6 +802,12 @@ def token_hash(tok: Mapping[str, Any]) -> str:
     return base64.b64encode(h.digest()).decode()
 
 
+def _set_if_any(obj: dict[str, Any], key: str, items: list[dict[str, Any]]) -> None:
+    """Set ``obj[key]`` to ``items`` unless empty (Consul omits empty link lists)."""
+    if items:
+        obj[key] = items
+
+
 def token_json(
     *,
     accessor: str,
@@ -819,18 +825,10 @@ def token_json(
 ) -> dict[str, Any]:
     """A token's stored Consul JSON (§6.2 order, empty lists and expiry omitted)."""
     tok: dict[str, Any] = {"AccessorID": accessor, "SecretID": secret, "Description": description}
-    pols = [{"ID": p["ID"]} for p in policies]
-    if pols:
-        tok["Policies"] = pols
-    role_links = [{"ID": r["ID"]} for r in roles]
-    if role_links:
-        tok["Roles"] = role_links
-    sids = [dict(s) for s in service_identities]
-    if sids:
-        tok["ServiceIdentities"] = sids
-    nids = [dict(n) for n in node_identities]
-    if nids:
-        tok["NodeIdentities"] = nids
+    _set_if_any(tok, "Policies", [{"ID": p["ID"]} for p in policies])
+    _set_if_any(tok, "Roles", [{"ID": r["ID"]} for r in roles])
+    _set_if_any(tok, "ServiceIdentities", [dict(s) for s in service_identities])
+    _set_if_any(tok, "NodeIdentities", [dict(n) for n in node_identities])
     tok["Local"] = local
     if expiration_ns is not None:
         tok["ExpirationTime"] = rfc3339_nano(expiration_ns)
@@ -887,14 +885,11 @@ def role_json(
     """
     role: dict[str, Any] = {"ID": role_id, "Name": name, "Description": description}
     pols = [{"ID": p["ID"]} for p in policies]
-    if pols:
-        role["Policies"] = pols
     sids = [dict(s) for s in service_identities]
-    if sids:
-        role["ServiceIdentities"] = sids
     nids = [dict(n) for n in node_identities]
-    if nids:
-        role["NodeIdentities"] = nids
+    _set_if_any(role, "Policies", pols)
+    _set_if_any(role, "ServiceIdentities", sids)
+    _set_if_any(role, "NodeIdentities", nids)
     h = hashlib.blake2b(digest_size=32)
     h.update(json.dumps([name, description, [p["ID"] for p in pols], sids, nids]).encode())
     role["Hash"] = base64.b64encode(h.digest()).decode()
